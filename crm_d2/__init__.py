@@ -1,0 +1,22 @@
+"""crm_d2: CRM mask refinement for detectron2 models.
+
+The core (network, inference, fusion, metrics, standalone tools) imports without detectron2.
+The detectron2 layer lives in :mod:`crm_d2.config` and :mod:`crm_d2.meta_arch`; import those
+(or call :func:`crm_d2.register_detectron2`) when detectron2 is installed.
+"""
+
+from .checkpoint import CheckpointError, load_crm, save_crm
+from .inference import DEFAULT_SCALES, CRMRefiner
+from .modeling import CRMArch, CRMNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "CRMArch",
+    "CRMNet",
+    "CRMRefiner",
+    "CheckpointError",
+    "load_crm",
+    "save_crm",
+]

@@ -1,0 +1,306 @@
+"""CRM inference: the multi-resolution refinement schedule and the public :class:`CRMRefiner`.
+
+Shape shorthand: B batch of same-size inputs, H/W image size, Hp/Wp padded size
+(``H + 2 * PAD``), Q queries.
+
+The schedule (REFERENCE §2, the authors' ``test.py``): reflect-pad image and mask by 32 px;
+for each scale s in (0.125, 0.25, 0.5, 1.0) resize both to ``round(Hp * s) x round(Wp * s)``
+(bilinear, align_corners=True), encode once, decode every full-resolution padded pixel, zero the
+output if the current mask is empty, and feed ``(p - 0.5) * 2`` back as the next mask. The answer
+is the last probability map cropped by the padding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .modeling.crm import CRMArch, CRMNet, make_coord_axes
+
+__all__ = [
+    "CRMRefiner",
+    "DEFAULT_SCALES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "normalize_image",
+    "normalize_mask",
+    "prepare_inputs",
+    "reflect_pad",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCALES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD = 32
+OFFICIAL_CHUNK = 802_816  # queries per decoder call in the authors' test.py (50176 * 16)
+DEFAULT_CHUNK = 262_144
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Input conversion (numpy -> normalised tensors)
+# --------------------------------------------------------------------------------------------
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """HxW gray, HxWx1, HxWx3 RGB or HxWx4 RGBA uint8 -> HxWx3 uint8 RGB.
+
+    Gray is repeated on the three channels; RGBA drops alpha (it is not composited: CRM sees the
+    colours as stored).
+    """
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"image must be uint8 (0..255), got dtype {image.dtype}; convert with "
+            "np.clip(img, 0, 255).astype(np.uint8) or (img * 255).round().astype(np.uint8)"
+        )
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be HxW, HxWx3 (RGB) or HxWx4 (RGBA), got {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def _as_prob(mask: np.ndarray) -> np.ndarray:
+    """HxW mask (uint8 0..255, bool, or float in [0, 1]) -> float32 in [0, 1]."""
+    if not isinstance(mask, np.ndarray):
+        raise ValueError(f"mask must be a numpy array, got {type(mask).__name__}")
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[:, :, 0]
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be HxW, got shape {mask.shape}")
+    if mask.size == 0:
+        raise ValueError(f"mask is empty: shape {mask.shape}")
+    if mask.dtype == np.bool_:
+        return mask.astype(np.float32)
+    if mask.dtype == np.uint8:
+        return mask.astype(np.float32) / 255
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.isfinite(mask).all():
+            raise ValueError("mask contains NaN or infinite values")
+        if mask.min() < 0 or mask.max() > 1:
+            raise ValueError(
+                f"float mask must lie in [0, 1], got [{mask.min():.4g}, {mask.max():.4g}]; "
+                "pass uint8 for 0..255 masks"
+            )
+        return mask.astype(np.float32)
+    raise ValueError(f"mask must be uint8 (0..255), bool or float in [0, 1]; got {mask.dtype}")
+
+
+def normalize_image(image_u8: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 or float 0..255 RGB -> ImageNet-normalised float32."""
+    x = image_u8.float() / 255
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def normalize_mask(prob: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) probabilities in [0, 1] -> CRM's mask input in [-1, 1]."""
+    return (prob.float() - 0.5) / 0.5
+
+
+def prepare_inputs(
+    image: np.ndarray, mask: np.ndarray, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate numpy inputs and turn them into network tensors.
+
+    Returns:
+        image (1, 3, H, W) normalised float32 and mask (1, 1, H, W) in [-1, 1] on ``device``.
+    """
+    rgb = _as_rgb(image)
+    prob = _as_prob(mask)
+    if rgb.shape[:2] != prob.shape:
+        raise ValueError(f"image is {rgb.shape[:2]} (HxW) but mask is {prob.shape}")
+    img_t = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None]
+    msk_t = torch.from_numpy(prob).to(device)[None, None]
+    return normalize_image(img_t), normalize_mask(msk_t)
+
+
+def _reflect_index(n: int, pad: int, device) -> torch.Tensor:
+    """Indices of a reflect padding of ``pad`` on both sides of a length-``n`` axis.
+
+    Equals ``F.pad(mode='reflect')`` when ``pad < n`` and extends it, like ``np.pad(...,
+    'reflect')``, by reflecting again when the axis is shorter than the padding.
+    """
+    idx = torch.arange(-pad, n + pad, device=device)
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = torch.remainder(idx, period)
+    return torch.where(idx >= n, period - idx, idx)
+
+
+def reflect_pad(x: torch.Tensor, pad: int = PAD) -> torch.Tensor:
+    """Reflect-pad the last two dims of (B, C, H, W) by ``pad`` px (any H, W >= 1)."""
+    h, w = x.shape[-2:]
+    if pad < h and pad < w:
+        return F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    x = x.index_select(-2, _reflect_index(h, pad, x.device))
+    return x.index_select(-1, _reflect_index(w, pad, x.device))
+
+
+# --------------------------------------------------------------------------------------------
+# The refiner
+# --------------------------------------------------------------------------------------------
+class CRMRefiner:
+    """A frozen CRM network with the official multi-scale inference schedule.
+
+    Build it with :meth:`from_checkpoint` (official ``model_45705``, a plain state dict or the
+    project's own format). The network is kept in eval mode and never receives gradients.
+
+    Example::
+
+        refiner = CRMRefiner.from_checkpoint("model_45705", device="cpu")
+        prob = refiner.refine(image_rgb_uint8, coarse_mask_uint8)  # HxW float32 in [0, 1]
+        binary = prob > 0.5
+    """
+
+    def __init__(
+        self,
+        model: CRMNet,
+        device: torch.device | str = "cpu",
+        *,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        chunk_size: int = DEFAULT_CHUNK,
+        metadata: dict | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.scales = _check_scales(scales)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = int(chunk_size)
+        self.metadata = dict(metadata or {})
+
+    @property
+    def arch(self) -> CRMArch:
+        return self.model.arch
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "cpu", **kwargs) -> CRMRefiner:
+        """Load CRM weights from ``path`` (never downloads anything).
+
+        Accepts the official ``model_45705`` (also saved as ``model_45705.aspx``), a plain state
+        dict, and the project's checkpoint format; see :mod:`crm_d2.checkpoint` for the errors
+        raised on bad files. ``kwargs`` go to the constructor (``scales``, ``chunk_size``); the
+        scales stored in a project checkpoint are used when none are given.
+        """
+        from .checkpoint import load_crm
+
+        model, meta = load_crm(path)
+        if "scales" not in kwargs and meta.get("scales"):
+            kwargs["scales"] = tuple(meta["scales"])
+        return cls(model, device, metadata=meta, **kwargs)
+
+    # ---------------------------------------------------------------- numpy entry point
+    @torch.no_grad()
+    def refine(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        scales: Sequence[float] | None = None,
+        exact: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> np.ndarray:
+        """Refine one mask of one image.
+
+        Args:
+            image: HxWx3 uint8 RGB; HxW (or HxWx1) gray is repeated to RGB; HxWx4 RGBA drops
+                alpha.
+            mask: HxW uint8 0..255, bool, or float in [0, 1] (the coarse mask).
+            scales: input scales of the coarse-to-fine schedule (default: the refiner's,
+                ``(0.125, 0.25, 0.5, 1.0)``).
+            exact: run the authors' arithmetic to the letter (slower). Otherwise the decoder's
+                first layer is factored (:meth:`CRMNet.decode_fast`); outputs agree to ~1e-6.
+            progress: optional callback ``progress(stage, done, total)``.
+
+        Returns:
+            HxW float32 probability map in [0, 1]; ``> 0.5`` is the refined binary mask.
+        """
+        img_t, msk_t = prepare_inputs(image, mask, self.device)
+        out = self.refine_tensors(img_t, msk_t, scales=scales, exact=exact, progress=progress)
+        return out[0].cpu().numpy()
+
+    # ---------------------------------------------------------------- tensor entry point
+    @torch.no_grad()
+    def refine_tensors(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        scales: Sequence[float] | None = None,
+        exact: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> torch.Tensor:
+        """Refine a batch of same-size ROIs (the entry point of the detectron2 layer).
+
+        Args:
+            image: (B, 3, H, W) ImageNet-normalised float (see :func:`normalize_image`).
+            mask: (B, 1, H, W) float in [-1, 1] (see :func:`normalize_mask`).
+            scales, exact, progress: as in :meth:`refine`.
+
+        Returns:
+            (B, H, W) float32 probabilities on the refiner's device.
+        """
+        scales = self.scales if scales is None else _check_scales(scales)
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
+        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0]:
+            raise ValueError(f"mask must be (B, 1, H, W) with B={image.shape[0]}, got "
+                             f"{tuple(mask.shape)}")
+        if mask.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"image is {tuple(image.shape[-2:])} but mask is "
+                             f"{tuple(mask.shape[-2:])}")
+        image = image.to(self.device, torch.float32)
+        seg = reflect_pad(mask.to(self.device, torch.float32))
+        image = reflect_pad(image)
+        bsz, _, hp, wp = seg.shape
+        rows, cols = make_coord_axes((hp, wp), device=self.device)
+        n_query = hp * wp
+        n_chunks = math.ceil(n_query / self.chunk_size)
+        decode = self.model.decode if exact else self.model.decode_fast
+        cell = torch.tensor([2 / hp, 2 / wp], device=self.device).view(1, 1, 2)
+        prob = seg
+        for si, s in enumerate(scales):
+            size = (max(1, round(hp * s)), max(1, round(wp * s)))
+            img_s = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+            seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+            feat = self.model.encode(img_s, seg_s)
+            logits = torch.empty(bsz, n_query, device=self.device)
+            for ci, start in enumerate(range(0, n_query, self.chunk_size)):
+                q = torch.arange(start, min(start + self.chunk_size, n_query), device=self.device)
+                coord = torch.stack((rows[q // wp], cols[q % wp]), dim=-1)
+                coord = coord.unsqueeze(0).expand(bsz, -1, -1)
+                logits[:, start : start + len(q)] = decode(
+                    feat, coord, cell.expand(bsz, len(q), 2)
+                )
+                if progress is not None:
+                    progress(f"scale {s:g} ({si + 1}/{len(scales)})", ci + 1, n_chunks)
+            prob = torch.sigmoid(logits).view(bsz, 1, hp, wp)
+            # The authors' rule: an (essentially) empty input mask gives an empty output.
+            empty = (seg + 1).flatten(1).sum(dim=1) < 2
+            prob[empty] = 0
+            seg = (prob - 0.5) * 2
+        return prob[:, 0, PAD:-PAD, PAD:-PAD]
+
+
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    scales = tuple(float(s) for s in scales)
+    if not scales:
+        raise ValueError("scales must not be empty")
+    if any(not (s > 0) or not math.isfinite(s) for s in scales):
+        raise ValueError(f"scales must be positive numbers, got {scales}")
+    return scales

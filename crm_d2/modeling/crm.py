@@ -1,0 +1,295 @@
+"""CRM: Continuous Refinement Model (Shen et al., CVPR 2022).
+
+An encoder (ResNet trunk on image + mask, fused to one feature map at stride 2) and an implicit
+decoder (LIIF-style MLP, Chen et al. CVPR 2021) that answers a refinement logit at any continuous
+coordinate. Module names match the authors' release so that ``model_45705`` loads strictly.
+
+Shape shorthand:
+    B: batch; h, w: encoder input size; fh, fw: feature size (~h/2, ~w/2);
+    Q: number of queries; C: feature channels (256 for the official model).
+
+Coordinates are pixel centres in [-1, 1] ordered (y, x): for an H x W grid, row i is
+``-1 + (2i + 1) / H`` (see :func:`make_coord`). A query's ``cell`` is ``(2 / H, 2 / W)`` of the
+grid it belongs to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .backbone import ResNetTrunk
+
+__all__ = ["CRMArch", "CRMNet", "FeatureFusion", "ImplicitMLP", "make_coord"]
+
+
+@dataclass(frozen=True)
+class CRMArch:
+    """Architecture of a CRM network. The defaults are the official ResNet-50 model.
+
+    Attributes:
+        block: trunk block type, ``"bottleneck"`` or ``"basic"``.
+        layers: blocks per ResNet stage.
+        width: stem channels (64 for ResNet-50).
+        feat_dim: channels of the fused feature map (256 official).
+        mlp_hidden: hidden widths of the implicit decoder (four layers of 32 official).
+        with_layer4: keep the (never run) layer4 in the module tree, as the official file has it.
+    """
+
+    block: str = "bottleneck"
+    layers: tuple[int, ...] = (3, 4, 6, 3)
+    width: int = 64
+    feat_dim: int = 256
+    mlp_hidden: tuple[int, ...] = field(default=(32, 32, 32, 32))
+    with_layer4: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["mlp_hidden"] = list(self.mlp_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CRMArch:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown CRM architecture fields {sorted(unknown)}")
+        d = dict(d)
+        for key in ("layers", "mlp_hidden"):
+            if key in d:
+                d[key] = tuple(int(v) for v in d[key])
+        return cls(**d)
+
+
+OFFICIAL_ARCH = CRMArch()
+
+
+def make_coord(shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Pixel-centre coordinates of an ``H x W`` grid in [-1, 1], (y, x) order.
+
+    Returns:
+        (H, W, 2) float32 tensor.
+    """
+    seqs = []
+    for n in shape:
+        r = 1.0 / n  # half a pixel of the [-1, 1] range
+        seqs.append(-1 + r + (2 * r) * torch.arange(n, device=device).float())
+    return torch.stack(torch.meshgrid(*seqs, indexing="ij"), dim=-1)
+
+
+def make_coord_axes(shape: Sequence[int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 1-D axes of :func:`make_coord`: ``(H,)`` row and ``(W,)`` column coordinates.
+
+    ``make_coord(shape)[i, j] == (rows[i], cols[j])`` exactly, which lets callers build the
+    coordinates of a chunk of queries without materialising the whole grid.
+    """
+    axes = []
+    for n in shape:
+        r = 1.0 / n
+        axes.append(-1 + r + (2 * r) * torch.arange(n, device=device).float())
+    return axes[0], axes[1]
+
+
+class _ConvBNReLU(nn.Module):
+    """1x1 conv + BN + ReLU; named ``atrous_conv``/``bn`` as in the official release."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.atrous_conv = nn.Conv2d(cin, cout, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.atrous_conv(x)))
+
+
+class FeatureFusion(nn.Module):
+    """Fuse the trunk taps x1 (stride 2), x2 (stride 4) and x3 (stride 8) at stride 2.
+
+    Called ``aspp_`` in the official model, although it has no atrous pyramid. The branch
+    widths are ``feat_dim/4, feat_dim/4, feat_dim/2`` (64, 64, 128 official); the attribute
+    names keep the official channel numbers whatever the widths.
+    """
+
+    def __init__(self, in_channels: Sequence[int], feat_dim: int = 256) -> None:
+        super().__init__()
+        c1, c2, c3 = in_channels
+        b1, b2, b3 = feat_dim // 4, feat_dim // 4, feat_dim - 2 * (feat_dim // 4)
+        self.aspp1_128 = _ConvBNReLU(c1, b1)
+        self.aspp1_256 = _ConvBNReLU(c2, b2)
+        self.aspp1_1024 = _ConvBNReLU(c3, b3)
+        self.bn1_128 = nn.BatchNorm2d(b1)
+        self.bn1_256 = nn.BatchNorm2d(b2)
+        self.bn1_1024 = nn.BatchNorm2d(b3)
+        self.relu = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(0.5)
+        self.last_conv = nn.Sequential(
+            nn.Conv2d(feat_dim, feat_dim, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(feat_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        """Taps -> (B, feat_dim, fh, fw) with (fh, fw) = x1's size."""
+        x1 = self.dropout(self.relu(self.bn1_128(self.aspp1_128(x1))))
+        x2 = self.dropout(self.relu(self.bn1_256(self.aspp1_256(x2))))
+        x3 = self.dropout(self.relu(self.bn1_1024(self.aspp1_1024(x3))))
+        size = x1.shape[-2:]
+        x2 = F.interpolate(x2, size=size, mode="bilinear", align_corners=True)
+        x3 = F.interpolate(x3, size=size, mode="bilinear", align_corners=True)
+        return self.last_conv(torch.cat((x1, x2, x3), dim=1))
+
+
+class ImplicitMLP(nn.Module):
+    """The implicit decoder: ``layers`` = Linear/ReLU stack ending in one logit."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        mods: list[nn.Module] = []
+        last = in_dim
+        for h in hidden:
+            mods += [nn.Linear(last, h), nn.ReLU()]
+            last = h
+        mods.append(nn.Linear(last, 1))
+        self.layers = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., 1)."""
+        return self.layers(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], 1)
+
+
+# The 4 neighbouring feature cells of the local ensemble, (dy, dx) in the official order.
+_SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+_EPS_SHIFT = 1e-6
+
+
+class CRMNet(nn.Module):
+    """CRM network: ``feats`` (trunk), ``aspp_`` (fusion) and ``imnet`` (implicit decoder).
+
+    Use :meth:`encode` once per input and :meth:`decode` for as many query chunks as needed.
+    """
+
+    def __init__(self, arch: CRMArch = OFFICIAL_ARCH) -> None:
+        super().__init__()
+        self.arch = arch
+        self.feats = ResNetTrunk(arch.block, arch.layers, arch.width, 4, arch.with_layer4)
+        self.aspp_ = FeatureFusion(self.feats.out_channels, arch.feat_dim)
+        self.imnet = ImplicitMLP(arch.feat_dim + 6, arch.mlp_hidden)
+
+    def encode(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encode a normalised image and a mask.
+
+        Args:
+            image: (B, 3, h, w) float, ImageNet-normalised RGB.
+            mask: (B, 1, h, w) float in [-1, 1].
+
+        Returns:
+            feat: (B, C, fh, fw).
+        """
+        return self.aspp_(*self.feats(torch.cat((image, mask), dim=1)))
+
+    def decode(self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """Logits at query coordinates, with the 4-corner area-weighted local ensemble.
+
+        This follows the authors' arithmetic step by step (it is the ``exact`` path).
+
+        Args:
+            feat: (B, C, fh, fw) from :meth:`encode`.
+            coord: (B, Q, 2) query coordinates, (y, x) in [-1, 1].
+            cell: (B, Q, 2) query cell sizes.
+
+        Returns:
+            (B, Q) logits.
+        """
+        fh, fw = feat.shape[-2:]
+        bsz, nq = coord.shape[:2]
+        feat_coord = make_coord((fh, fw), device=feat.device).permute(2, 0, 1).unsqueeze(0)
+        feat_coord = feat_coord.expand(bsz, 2, fh, fw)
+        rel_cell = cell.clone()
+        rel_cell[:, :, 0] *= fh
+        rel_cell[:, :, 1] *= fw
+        preds, areas = [], []
+        for vy, vx in _SHIFTS:
+            shifted = coord.clone()
+            shifted[:, :, 0] += vy * (1.0 / fh) + _EPS_SHIFT
+            shifted[:, :, 1] += vx * (1.0 / fw) + _EPS_SHIFT
+            shifted.clamp_(-1 + 1e-6, 1 - 1e-6)
+            grid = shifted.flip(-1).unsqueeze(1)  # grid_sample wants (x, y)
+            q_feat = F.grid_sample(feat, grid, mode="nearest", align_corners=False)
+            q_coord = F.grid_sample(feat_coord, grid, mode="nearest", align_corners=False)
+            q_feat = q_feat[:, :, 0, :].permute(0, 2, 1)
+            rel_coord = coord - q_coord[:, :, 0, :].permute(0, 2, 1)
+            rel_coord[:, :, 0] *= fh
+            rel_coord[:, :, 1] *= fw
+            inp = torch.cat([q_feat, rel_coord, coord, rel_cell], dim=-1)
+            preds.append(self.imnet(inp.view(bsz * nq, -1)).view(bsz, nq))
+            areas.append(torch.abs(rel_coord[:, :, 0] * rel_coord[:, :, 1]) + 1e-9)
+        total = torch.stack(areas).sum(dim=0)
+        # Each prediction is weighted by the area of the diagonally opposite corner.
+        areas = [areas[3], areas[2], areas[1], areas[0]]
+        out = 0
+        for pred, area in zip(preds, areas):
+            out = out + pred * (area / total)
+        return out
+
+    def decode_fast(
+        self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor
+    ) -> torch.Tensor:
+        """Same function as :meth:`decode`, computed with the first linear layer factored.
+
+        The first layer of the MLP is linear in its 262 inputs, so its 256 feature columns are
+        applied once per feature cell (a 1x1 convolution) instead of once per query and corner:
+        the gathered vectors shrink from ``C`` to ``hidden[0]`` values. Results equal
+        :meth:`decode` up to float rounding (about 1e-6).
+        """
+        fh, fw = feat.shape[-2:]
+        bsz, nq = coord.shape[:2]
+        first: nn.Linear = self.imnet.layers[0]
+        c = feat.shape[1]
+        w_feat, w_rest = first.weight[:, :c], first.weight[:, c:]
+        proj = F.conv2d(feat, w_feat[:, :, None, None])  # (B, hidden0, fh, fw)
+        rest = nn.Sequential(*list(self.imnet.layers)[1:])
+        feat_coord = make_coord((fh, fw), device=feat.device).permute(2, 0, 1).unsqueeze(0)
+        # One gather serves both the projected features and the cell centres.
+        table = torch.cat([proj, feat_coord.to(proj.dtype).expand(bsz, 2, fh, fw)], dim=1)
+        hidden0 = proj.shape[1]
+        scale = torch.tensor([fh, fw], dtype=coord.dtype, device=coord.device)
+        rel_cell = cell * scale
+        preds, areas = [], []
+        for vy, vx in _SHIFTS:
+            shifted = coord.clone()
+            shifted[:, :, 0] += vy * (1.0 / fh) + _EPS_SHIFT
+            shifted[:, :, 1] += vx * (1.0 / fw) + _EPS_SHIFT
+            shifted.clamp_(-1 + 1e-6, 1 - 1e-6)
+            grid = shifted.flip(-1).unsqueeze(1)
+            q = F.grid_sample(table, grid, mode="nearest", align_corners=False)
+            q = q[:, :, 0, :].permute(0, 2, 1)
+            q_proj, centre = q[..., :hidden0], q[..., hidden0:]
+            rel_coord = (coord - centre) * scale
+            h = q_proj + torch.cat([rel_coord, coord, rel_cell], dim=-1) @ w_rest.t() + first.bias
+            preds.append(rest(h.view(bsz * nq, -1)).view(bsz, nq))
+            areas.append(torch.abs(rel_coord[:, :, 0] * rel_coord[:, :, 1]) + 1e-9)
+        total = torch.stack(areas).sum(dim=0)
+        areas = [areas[3], areas[2], areas[1], areas[0]]
+        out = 0
+        for pred, area in zip(preds, areas):
+            out = out + pred * (area / total)
+        return out
+
+    def forward(
+        self, image: torch.Tensor, mask: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor
+    ) -> torch.Tensor:
+        """Training forward: (B,3,h,w), (B,1,h,w), (B,Q,2), (B,Q,2) -> (B, Q) logits."""
+        return self.decode(self.encode(image, mask), coord, cell)
