@@ -279,7 +279,7 @@ class CRMNet(nn.Module):
             q_proj, centre = q[..., :hidden0], q[..., hidden0:]
             rel_coord = (coord - centre) * scale
             h = q_proj + torch.cat([rel_coord, coord, rel_cell], dim=-1) @ w_rest.t() + first.bias
-            preds.append(rest(h.view(bsz * nq, -1)).view(bsz, nq))
+            preds.append(rest(h.reshape(bsz * nq, -1)).view(bsz, nq))
             areas.append(torch.abs(rel_coord[:, :, 0] * rel_coord[:, :, 1]) + 1e-9)
         total = torch.stack(areas).sum(dim=0)
         areas = [areas[3], areas[2], areas[1], areas[0]]
