@@ -123,6 +123,8 @@ def prepare_inputs(
     prob = _as_prob(mask)
     if rgb.shape[:2] != prob.shape:
         raise ValueError(f"image is {rgb.shape[:2]} (HxW) but mask is {prob.shape}")
+    if not rgb.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
+        rgb = rgb.copy()
     img_t = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None]
     msk_t = torch.from_numpy(prob).to(device)[None, None]
     return normalize_image(img_t), normalize_mask(msk_t)

@@ -1,0 +1,186 @@
+"""CRMRefiner: input handling, invariants of the schedule, exact vs fast, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crm_d2 import CRMArch, CRMNet, CRMRefiner
+from crm_d2.inference import normalize_image, normalize_mask, prepare_inputs, reflect_pad
+from crm_d2.modeling.crm import make_coord, make_coord_axes
+
+SMALL = CRMArch(block="basic", layers=(1, 1, 1, 1), width=16, feat_dim=32,
+                mlp_hidden=(16, 16), with_layer4=False)
+
+
+def _refiner(arch: CRMArch = SMALL, seed: int = 0, **kw) -> CRMRefiner:
+    torch.manual_seed(seed)
+    net = CRMNet(arch)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        # keep logits away from saturation so comparisons mean something
+        net.imnet.layers[-1].weight.mul_(20.0)
+    return CRMRefiner(net, **kw)
+
+
+@pytest.fixture(scope="module")
+def refiner() -> CRMRefiner:
+    return _refiner()
+
+
+@pytest.fixture(scope="module")
+def sample():
+    rng = np.random.default_rng(0)
+    h, w = 37, 53
+    yy, xx = np.mgrid[:h, :w]
+    img = np.clip(np.stack([xx * 4, yy * 6, xx + yy], -1) + rng.integers(0, 30, (h, w, 3)), 0,
+                  255).astype(np.uint8)
+    mask = ((yy - 18) ** 2 + (xx - 26) ** 2 < 150).astype(np.uint8) * 255
+    return img, mask
+
+
+def test_make_coord_convention():
+    c = make_coord((2, 4))
+    assert c.shape == (2, 4, 2)
+    assert torch.allclose(c[:, 0, 0], torch.tensor([-0.5, 0.5]))
+    assert torch.allclose(c[0, :, 1], torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    rows, cols = make_coord_axes((5, 7))
+    full = make_coord((5, 7))
+    assert torch.equal(full[:, 0, 0], rows) and torch.equal(full[0, :, 1], cols)
+
+
+def test_reflect_pad_matches_torch_and_numpy():
+    x = torch.arange(2 * 3 * 40 * 35, dtype=torch.float32).view(2, 3, 40, 35)
+    assert torch.equal(reflect_pad(x, 32), F.pad(x, (32,) * 4, mode="reflect"))
+    small = torch.arange(5 * 7, dtype=torch.float32).view(1, 1, 5, 7)
+    ref = np.pad(small.numpy(), ((0, 0), (0, 0), (32, 32), (32, 32)), mode="reflect")
+    assert np.array_equal(reflect_pad(small, 32).numpy(), ref)
+    one = torch.ones(1, 1, 1, 3)
+    assert reflect_pad(one, 4).shape == (1, 1, 9, 11)
+
+
+def test_output_shape_range_determinism(refiner, sample):
+    img, mask = sample
+    a = refiner.refine(img, mask)
+    b = refiner.refine(img, mask)
+    assert a.shape == mask.shape and a.dtype == np.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert np.array_equal(a, b)
+    assert a.std() > 1e-3, "degenerate test network: output is constant"
+
+
+def test_exact_equals_fast_and_chunking(sample):
+    img, mask = sample
+    r = _refiner(chunk_size=1000)
+    exact = r.refine(img, mask, exact=True)
+    fast = r.refine(img, mask, exact=False)
+    assert np.abs(exact - fast).max() < 1e-5
+    one_chunk = _refiner(chunk_size=10**7).refine(img, mask, exact=True)
+    assert np.abs(exact - one_chunk).max() < 1e-6
+
+
+def test_empty_mask_gives_zeros(refiner, sample):
+    img, mask = sample
+    assert not refiner.refine(img, np.zeros_like(mask)).any()
+    one_px = np.zeros_like(mask)
+    one_px[3, 4] = 255  # (m + 1).sum() over the padded mask is 2 per pixel: not "empty"
+    out = refiner.refine(img, one_px)
+    assert out.shape == mask.shape and np.isfinite(out).all() and out.any()
+
+
+def test_full_mask_and_tiny_images(refiner, sample):
+    img, mask = sample
+    full = refiner.refine(img, np.full_like(mask, 255))
+    assert full.shape == mask.shape and np.isfinite(full).all()
+    tiny = refiner.refine(img[:5, :7], mask[:5, :7])
+    assert tiny.shape == (5, 7)
+    line = refiner.refine(img[:1, :9], np.full((1, 9), 255, np.uint8))
+    assert line.shape == (1, 9)
+
+
+def test_mask_dtypes_agree(refiner, sample):
+    img, mask = sample
+    ref = refiner.refine(img, mask)
+    assert np.array_equal(refiner.refine(img, mask > 127), ref)
+    assert np.array_equal(refiner.refine(img, (mask / 255).astype(np.float32)), ref)
+    assert np.array_equal(refiner.refine(img, mask[:, :, None]), ref)
+
+
+def test_gray_and_rgba_images(refiner, sample):
+    img, mask = sample
+    gray = img[:, :, 0]
+    assert np.array_equal(refiner.refine(gray, mask),
+                          refiner.refine(np.repeat(gray[:, :, None], 3, 2), mask))
+    rgba = np.concatenate([img, np.full(img.shape[:2] + (1,), 7, np.uint8)], axis=2)
+    assert np.array_equal(refiner.refine(rgba, mask), refiner.refine(img, mask))
+
+
+@pytest.mark.parametrize(
+    "image, mask, match",
+    [
+        (np.zeros((4, 5, 3), np.uint8), np.zeros((4, 6), np.uint8), "image is"),
+        (np.zeros((0, 5, 3), np.uint8), np.zeros((0, 5), np.uint8), "empty"),
+        (np.zeros((4, 5, 3), np.float32), np.zeros((4, 5), np.uint8), "uint8"),
+        (np.zeros((4, 5, 2), np.uint8), np.zeros((4, 5), np.uint8), "HxWx3"),
+        (np.zeros((4, 5, 3), np.uint8), np.full((4, 5), np.nan, np.float32), "NaN"),
+        (np.zeros((4, 5, 3), np.uint8), np.full((4, 5), 2.0, np.float32), r"\[0, 1\]"),
+        (np.zeros((4, 5, 3), np.uint8), np.zeros((4, 5), np.int64), "uint8"),
+        (np.zeros((4, 5, 3), np.uint8), np.zeros((2, 4, 5), np.uint8), "HxW"),
+        ([[0]], np.zeros((1, 1), np.uint8), "numpy array"),
+    ],
+)
+def test_bad_inputs(refiner, image, mask, match):
+    with pytest.raises(ValueError, match=match):
+        refiner.refine(image, mask)
+
+
+def test_bad_scales_and_chunks():
+    with pytest.raises(ValueError, match="scales"):
+        _refiner(scales=())
+    with pytest.raises(ValueError, match="positive"):
+        _refiner(scales=(0.5, -1))
+    with pytest.raises(ValueError, match="chunk_size"):
+        _refiner(chunk_size=0)
+
+
+def test_batch_entry_point_matches_single(refiner, sample):
+    img, mask = sample
+    img2 = np.ascontiguousarray(img[::-1])
+    t1, m1 = prepare_inputs(img, mask)
+    t2, m2 = prepare_inputs(img2, 255 - mask)
+    batch = refiner.refine_tensors(torch.cat([t1, t2]), torch.cat([m1, m2]))
+    assert batch.shape == (2,) + mask.shape
+    assert np.abs(batch[0].numpy() - refiner.refine(img, mask)).max() < 1e-5
+    assert np.abs(batch[1].numpy() - refiner.refine(img2, 255 - mask)).max() < 1e-5
+    empty = refiner.refine_tensors(torch.cat([t1, t2]), torch.cat([m1, -torch.ones_like(m2)]))
+    assert empty[1].abs().max() == 0 and empty[0].abs().max() > 0
+
+
+def test_normalisation_constants():
+    x = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(normalize_image(x).flatten(), expected)
+    assert torch.equal(normalize_mask(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([-1.0, 0, 1]))
+
+
+def test_scale_schedule_is_used(sample):
+    img, mask = sample
+    r = _refiner()
+    a = r.refine(img, mask, scales=(0.5, 1.0))
+    b = r.refine(img, mask, scales=(1.0,))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_progress_callback(refiner, sample):
+    img, mask = sample
+    calls = []
+    r = _refiner(chunk_size=1500)
+    r.refine(img, mask, progress=lambda stage, done, total: calls.append((stage, done, total)))
+    hp, wp = img.shape[0] + 64, img.shape[1] + 64
+    n = -(-hp * wp // 1500)
+    assert len(calls) == 4 * n and calls[-1][1:] == (n, n)
