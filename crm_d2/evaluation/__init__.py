@@ -1,0 +1,48 @@
+"""Metrics: binary-mask IoU / mBA / Boundary IoU, COCO mask and Boundary AP, PQ and Boundary PQ.
+
+Definitions follow REFERENCE.md section 4 and the official implementations named in each module.
+Only numpy, OpenCV, Pillow and pycocotools are needed (faster-coco-eval for Boundary AP).
+"""
+
+from .binary import (
+    BinaryMetrics,
+    ObjectScores,
+    PooledIoU,
+    apply_empty_coarse_rule,
+    binarize,
+    boundary_accuracy,
+    boundary_accuracy_radii,
+    boundary_iou,
+    iou,
+    mask_to_boundary,
+)
+from .coco import AP_KEYS, coco_mask_ap
+from .panoptic import (
+    boundary_pq,
+    id2rgb,
+    pq_compute,
+    read_panoptic_png,
+    rgb2id,
+    write_panoptic_png,
+)
+
+__all__ = [
+    "AP_KEYS",
+    "BinaryMetrics",
+    "ObjectScores",
+    "PooledIoU",
+    "apply_empty_coarse_rule",
+    "binarize",
+    "boundary_accuracy",
+    "boundary_accuracy_radii",
+    "boundary_iou",
+    "boundary_pq",
+    "coco_mask_ap",
+    "id2rgb",
+    "iou",
+    "mask_to_boundary",
+    "pq_compute",
+    "read_panoptic_png",
+    "rgb2id",
+    "write_panoptic_png",
+]
