@@ -24,7 +24,13 @@ setup(
     extras_require={
         # Boundary AP (COCO iouType "boundary")
         "boundary": ["faster-coco-eval>=1.8"],
-        "dev": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "scipy>=1.10", "faster-coco-eval>=1.8"],
+        "dev": [
+            "pytest>=7",
+            "hypothesis>=6.80",
+            "ruff>=0.5",
+            "scipy>=1.10",
+            "faster-coco-eval>=1.8",
+        ],
     },
     entry_points={
         "console_scripts": [
