@@ -176,11 +176,30 @@ def test_scale_schedule_is_used(sample):
     assert a.shape == b.shape and not np.array_equal(a, b)
 
 
-def test_progress_callback(refiner, sample):
+def test_progress_callback(sample):
     img, mask = sample
-    calls = []
-    r = _refiner(chunk_size=1500)
-    r.refine(img, mask, progress=lambda stage, done, total: calls.append((stage, done, total)))
     hp, wp = img.shape[0] + 64, img.shape[1] + 64
-    n = -(-hp * wp // 1500)
-    assert len(calls) == 4 * n and calls[-1][1:] == (n, n)
+    for exact, n in ((True, -(-hp * wp // 1500)), (False, -(-hp // (1500 // wp)))):
+        calls = []
+        r = _refiner(chunk_size=1500)
+        r.refine(img, mask, exact=exact, progress=lambda *a, c=calls: c.append(a))
+        assert len(calls) == 4 * n and calls[-1][1:] == (n, n)
+        assert calls[0][0] == "scale 0.125 (1/4)"
+
+
+def test_decode_grid_equals_generic_decoder():
+    net = _refiner().model
+    for h, w in ((37, 53), (6, 9)):
+        torch.manual_seed(h)
+        feat = net.encode(torch.randn(2, 3, h, w), torch.rand(2, 1, h, w) * 2 - 1)
+        coord = make_coord((h, w)).view(1, -1, 2).expand(2, -1, -1)
+        cell = torch.tensor([2 / h, 2 / w]).expand(2, h * w, 2)
+        ref = net.decode(feat, coord, cell).view(2, h, w)
+        assert (net.decode_grid(feat, (h, w)) - ref).abs().max() < 1e-5
+        part = net.decode_grid(feat, (h, w), rows=(2, h - 1))
+        assert (part - ref[:, 2 : h - 1]).abs().max() < 1e-5
+        # the grid may be finer than the feature map, as in inference
+        coord2 = make_coord((2 * h, 3 * w)).view(1, -1, 2).expand(2, -1, -1)
+        cell2 = torch.tensor([1 / h, 2 / (3 * w)]).expand(2, 6 * h * w, 2)
+        ref2 = net.decode(feat, coord2, cell2).view(2, 2 * h, 3 * w)
+        assert (net.decode_grid(feat, (2 * h, 3 * w)) - ref2).abs().max() < 1e-5

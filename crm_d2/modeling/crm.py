@@ -288,6 +288,73 @@ class CRMNet(nn.Module):
             out = out + pred * (area / total)
         return out
 
+    def decode_grid(
+        self,
+        feat: torch.Tensor,
+        grid_size: tuple[int, int],
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`decode` at every pixel centre of an ``H x W`` grid (rows ``r0:r1``).
+
+        On a full grid the query coordinates are separable (row coordinate x column coordinate),
+        so the nearest feature cell of each corner shift is a pair of 1-D indices: the gathers
+        become two ``index_select`` calls and every coordinate term is an outer sum. Same
+        function as :meth:`decode` with ``coord = make_coord((H, W))`` and ``cell = (2/H, 2/W)``,
+        up to float rounding (~1e-6); much faster, in training (cheap backward) and inference.
+
+        Args:
+            feat: (B, C, fh, fw).
+            grid_size: (H, W) of the query grid.
+            rows: optional ``(r0, r1)`` range of grid rows to decode (default all).
+
+        Returns:
+            (B, r1 - r0, W) logits.
+        """
+        h, w = grid_size
+        r0, r1 = (0, h) if rows is None else rows
+        fh, fw = feat.shape[-2:]
+        first: nn.Linear = self.imnet.layers[0]
+        c = feat.shape[1]
+        w_feat = first.weight[:, :c]
+        w_ry, w_rx, w_cy, w_cx, w_sy, w_sx = first.weight[:, c:].unbind(dim=1)
+        # (B, fh, fw, D): channels last, so that gathers and the MLP work on contiguous rows
+        proj = F.conv2d(feat, w_feat[:, :, None, None]).permute(0, 2, 3, 1).contiguous()
+        dev, dt = feat.device, proj.dtype
+        ys, xs = make_coord_axes((h, w), device=dev)
+        ys = ys[r0:r1]
+        fys, fxs = make_coord_axes((fh, fw), device=dev)
+        # constant part of the first layer: bias + relative cell (2/H * fh, 2/W * fw)
+        const = first.bias + w_sy * (2.0 / h * fh) + w_sx * (2.0 / w * fw)
+
+        def nearest(coords: torch.Tensor, shift: float, n: int) -> torch.Tensor:
+            """Indices grid_sample(mode='nearest', align_corners=False) picks on an n-axis."""
+            shifted = (coords + shift).clamp(-1 + 1e-6, 1 - 1e-6)
+            table = torch.arange(n, device=dev, dtype=torch.float32).view(1, 1, 1, n)
+            grid = torch.stack([shifted, torch.zeros_like(shifted)], dim=-1).view(1, 1, -1, 2)
+            idx = F.grid_sample(table, grid, mode="nearest", align_corners=False)
+            return idx.view(-1).round().long()
+
+        preds, areas = [], []
+        for vy, vx in _SHIFTS:
+            iy = nearest(ys, vy * (1.0 / fh) + _EPS_SHIFT, fh)
+            ix = nearest(xs, vx * (1.0 / fw) + _EPS_SHIFT, fw)
+            q = proj.index_select(1, iy).index_select(2, ix)  # (B, h', W, D)
+            rel_y = (ys - fys[iy]) * fh  # (h',)
+            rel_x = (xs - fxs[ix]) * fw  # (W,)
+            row_term = torch.outer(rel_y, w_ry) + torch.outer(ys, w_cy)  # (h', D)
+            col_term = torch.outer(rel_x, w_rx) + torch.outer(xs, w_cx)  # (W, D)
+            out = q + (row_term[:, None, :] + col_term[None, :, :] + const).to(dt)
+            for layer in list(self.imnet.layers)[1:]:
+                out = layer(out)
+            preds.append(out[..., 0])
+            areas.append(torch.abs(torch.outer(rel_y, rel_x)) + 1e-9)
+        total = areas[0] + areas[1] + areas[2] + areas[3]
+        areas = [areas[3], areas[2], areas[1], areas[0]]
+        result = 0
+        for pred, area in zip(preds, areas):
+            result = result + pred * (area / total)
+        return result
+
     def forward(
         self, image: torch.Tensor, mask: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor
     ) -> torch.Tensor:

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Train a CRM refinement network (the paper's recipe by default) on image/mask data.
+
+Data sources are repeatable ``--data KIND:PATH`` options:
+
+* ``folder:DIR``: any layout :func:`crm_d2.training.datasets.list_image_mask_pairs` knows
+  (ECSSD ``images/`` + ``masks/``, DUTS ``*-Image/`` + ``*-Mask/``, side-by-side ``.jpg`` +
+  ``.png``, FSS-1000 class folders, ...); split image by image;
+* ``davis:ROOT``: DAVIS-style ``<sequence>/NNNNN.jpg`` + ``.png`` (or ``JPEGImages/480p`` +
+  ``Annotations/480p``); split by sequence, so no video is in both splits;
+* ``coco:JSON:IMAGEDIR``: one sample per non-crowd COCO instance (a box crop with context);
+  split by image, so no image is in both splits.
+
+``--val-fraction`` of each source is held out (a deterministic hash split); each held-out image
+gets one fixed coarse mask (half by the paper's contour perturbation at a random IoU target, half
+by a 1/8 low-resolution rendering) and the model is validated on them every ``--val-every``
+iterations. Use ``torchrun --nproc_per_node N tools/train_crm.py ...`` for data parallel training.
+
+Example (CPU, the light encoder)::
+
+    python tools/train_crm.py --preset lite --crop 224 --batch-size 12 --iters 45000 \\
+        --data folder:../shared/data/ecssd --data davis:../shared/data/davis \\
+        --data coco:../shared/data/coco_tiny/annotations/instances_train2017.json:\\
+../shared/data/coco_tiny/images --output output/crm_lite
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("train_crm")
+
+KINDS = ("folder", "davis", "coco")
+
+
+class _Subset:
+    """The samples ``indices`` of a pair source (``__len__`` + ``load``)."""
+
+    def __init__(self, source, indices: Sequence[int]) -> None:
+        self.source = source
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, idx: int):
+        return self.source.load(self.indices[idx])
+
+
+def parse_data_spec(spec: str) -> tuple[str, list[str]]:
+    """``KIND:PATH`` (or ``coco:JSON:IMAGEDIR``) -> (kind, paths)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in KINDS or not rest:
+        raise ValueError(f"--data {spec!r}: expected folder:DIR, davis:ROOT or coco:JSON:IMAGEDIR")
+    if kind == "coco":
+        json_path, sep, image_dir = rest.partition(":")
+        if not sep or not json_path or not image_dir:
+            raise ValueError(f"--data {spec!r}: COCO needs coco:JSON:IMAGEDIR")
+        return kind, [json_path, image_dir]
+    return kind, [rest]
+
+
+def build_source(spec: str, val_fraction: float, seed: int):
+    """One ``--data`` source -> (kind, train source, validation source).
+
+    Sources are pair lists (folder, davis) or :class:`_Subset` of COCO objects.
+    """
+    from crm_d2.training.datasets import (
+        CocoObjectPairs,
+        ImageMaskPairs,
+        list_image_mask_pairs,
+        split_pairs,
+    )
+
+    kind, paths = parse_data_spec(spec)
+    if kind in ("folder", "davis"):
+        pairs = list_image_mask_pairs(paths[0])
+        group = "sequence" if kind == "davis" else "name"
+        train_pairs, val_pairs = split_pairs(pairs, val_fraction, seed, group_by=group)
+        return kind, train_pairs, ImageMaskPairs(val_pairs)
+    objects = CocoObjectPairs(paths[0], paths[1])
+    # One key per object, grouped by image id, through the same hash split.
+    keys = [(str(a["image_id"]), str(i)) for i, a in enumerate(objects.annotations)]
+    train_keys, val_keys = split_pairs(keys, val_fraction, seed, group_by=lambda k: k)
+    return (
+        kind,
+        _Subset(objects, [int(k[1]) for k in train_keys]),
+        _Subset(objects, [int(k[1]) for k in val_keys]),
+    )
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.replace(",", " ").split())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace(",", " ").split())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="KIND:PATH",
+        help="training source, repeatable: folder:DIR, davis:ROOT, coco:JSON:IMAGEDIR",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of each source held out for validation",
+    )
+    g.add_argument(
+        "--val-max-per-source",
+        type=int,
+        default=32,
+        help="validate on at most this many held-out images per source",
+    )
+    g.add_argument(
+        "--perturb",
+        choices=("contour", "lowres", "mixed"),
+        default="contour",
+        help="coarse masks of the training crops (paper: contour)",
+    )
+    g.add_argument(
+        "--lowres-factors",
+        type=_ints,
+        default=(4, 8, 16),
+        help="1/k factors of the lowres perturbation, e.g. '4,8,16'",
+    )
+    g = p.add_argument_group("model and schedule")
+    g.add_argument(
+        "--preset",
+        choices=("official", "lite", "tiny"),
+        default="official",
+        help="architecture: official = ResNet-50 CRM, lite = ResNet-18-like encoder "
+        "with 128-channel features, tiny = half of lite",
+    )
+    g.add_argument("--iters", type=int, default=45_000, help="iterations (paper 45,000)")
+    g.add_argument("--batch-size", type=int, default=12, help="global batch (paper 12)")
+    g.add_argument("--crop", type=int, default=224, help="crop size (paper 224)")
+    g.add_argument("--lr", type=float, default=2.25e-4, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument(
+        "--milestones",
+        type=_ints,
+        default=None,
+        help="lr x0.1 iterations, e.g. '22500,37500' (default: the paper's, scaled to --iters)",
+    )
+    g.add_argument(
+        "--loss-weights",
+        type=_floats,
+        default=(1.0, 0.5, 0.5, 2.0),
+        metavar="CE,L1,L2,GRAD",
+        help="loss term weights",
+    )
+    g.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="encoder autocast (CUDA only)",
+    )
+    g.add_argument(
+        "--init",
+        default="scratch",
+        help="'scratch' or a checkpoint to fine-tune from (official model_45705 or "
+        "a crm_d2 file); non-matching tensors are skipped and listed",
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default="output/crm_train", help="output directory")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="LAST_PTH",
+        help="continue from OUTPUT/last.pth (or the given file)",
+    )
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    g.add_argument("--num-workers", type=int, default=2, help="data loader workers per process")
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--val-every", type=int, default=2000, help="0 = validate at the end only")
+    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument(
+        "--val-scales",
+        type=_floats,
+        default=(0.125, 0.25, 0.5, 1.0),
+        help="refinement scales used by validation (fewer = cheaper)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from crm_d2.training.datasets import CRMTrainDataset
+    from crm_d2.training.trainer import TrainConfig, make_val_samples, train
+
+    if len(args.loss_weights) != 4:
+        raise SystemExit("--loss-weights needs 4 numbers: CE,L1,L2,GRAD")
+    cfg = TrainConfig(
+        arch=args.preset,
+        crop_size=args.crop,
+        batch_size=args.batch_size,
+        iterations=args.iters,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        milestones=args.milestones,
+        loss_weights=dict(zip(("ce", "l1", "l2", "grad"), args.loss_weights)),
+        num_workers=args.num_workers,
+        seed=args.seed,
+        log_every=args.log_every,
+        val_every=args.val_every,
+        ckpt_every=args.ckpt_every,
+        val_scales=args.val_scales,
+        amp=args.amp,
+        init=args.init,
+        resume=args.resume,
+        output_dir=args.output,
+        device=args.device,
+        threads=args.threads,
+        data=tuple(args.data),
+    )
+    train_sets, val_sources, rows = [], [], []
+    for i, spec in enumerate(args.data):
+        kind, train_src, val_src = build_source(spec, args.val_fraction, args.seed)
+        train_sets.append(
+            CRMTrainDataset(
+                train_src,
+                crop_size=args.crop,
+                perturb=args.perturb,
+                lowres_factors=args.lowres_factors,
+                seed=args.seed * 1000 + i,
+            )
+        )
+        val_sources.append(val_src)
+        rows.append((spec, kind, len(train_src), len(val_src)))
+    val_samples = []
+    if rank == 0 and args.val_fraction > 0:
+        val_samples = make_val_samples(
+            val_sources, seed=args.seed, max_per_source=args.val_max_per_source
+        )
+    if rank == 0:
+        print(f"{'kind':<6}  {'train':>7}  {'held out':>8}  source")
+        for spec, kind, n_train, n_val in rows:
+            print(f"{kind:<6}  {n_train:>7}  {n_val:>8}  {spec}")
+        n_contour = sum(s.perturb == "contour" for s in val_samples)
+        print(
+            f"total: {sum(r[2] for r in rows)} training samples; {len(val_samples)} validation "
+            f"images ({n_contour} contour-perturbed, {len(val_samples) - n_contour} low-res 1/8)"
+        )
+        sys.stdout.flush()
+    cfg = dataclasses.replace(
+        cfg, data=tuple(f"{spec} (train {a}, held out {b})" for spec, _, a, b in rows)
+    )
+    path = train(cfg, train_sets, val_samples)
+    if rank == 0:
+        print(f"final weights: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
