@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -336,7 +335,7 @@ def test_cli_help_runs_without_detectron2():
 
 
 def test_cli_data_spec_parsing():
-    parse = runpy.run_path(str(REPO_ROOT / "tools" / "train_crm.py"))["parse_data_spec"]
+    from crm_d2.training.sources import parse_data_spec as parse
     assert parse("folder:/a/b") == ("folder", ["/a/b"])
     assert parse("coco:/x.json:/imgs") == ("coco", ["/x.json", "/imgs"])
     for bad in ("/a/b", "coco:/x.json", "lmdb:/a"):

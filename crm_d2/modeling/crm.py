@@ -259,7 +259,7 @@ class CRMNet(nn.Module):
         first: nn.Linear = self.imnet.layers[0]
         c = feat.shape[1]
         w_feat, w_rest = first.weight[:, :c], first.weight[:, c:]
-        proj = F.conv2d(feat, w_feat[:, :, None, None])  # (B, hidden0, fh, fw)
+        proj = F.conv2d(feat, w_feat[:, :, None, None].contiguous())  # (B, hidden0, fh, fw)
         rest = nn.Sequential(*list(self.imnet.layers)[1:])
         feat_coord = make_coord((fh, fw), device=feat.device).permute(2, 0, 1).unsqueeze(0)
         # One gather serves both the projected features and the cell centres.
@@ -318,7 +318,8 @@ class CRMNet(nn.Module):
         w_feat = first.weight[:, :c]
         w_ry, w_rx, w_cy, w_cx, w_sy, w_sx = first.weight[:, c:].unbind(dim=1)
         # (B, fh, fw, D): channels last, so that gathers and the MLP work on contiguous rows
-        proj = F.conv2d(feat, w_feat[:, :, None, None]).permute(0, 2, 3, 1).contiguous()
+        proj = F.conv2d(feat, w_feat[:, :, None, None].contiguous()).permute(0, 2, 3, 1)
+        proj = proj.contiguous()
         dev, dt = feat.device, proj.dtype
         ys, xs = make_coord_axes((h, w), device=dev)
         ys = ys[r0:r1]
