@@ -1,8 +1,8 @@
 """crm_d2: CRM mask refinement for detectron2 models.
 
 The core (network, inference, fusion, metrics, standalone tools) imports without detectron2.
-The detectron2 layer lives in :mod:`crm_d2.config` and :mod:`crm_d2.meta_arch`; import those
-(or call :func:`crm_d2.register_detectron2`) when detectron2 is installed.
+The detectron2 layer lives in :mod:`crm_d2.config`, :mod:`crm_d2.meta_arch` (importing it
+registers ``CRMRefinedModel``) and :mod:`crm_d2.d2_data`; they need detectron2.
 """
 
 from .checkpoint import CheckpointError, load_crm, save_crm
