@@ -193,15 +193,28 @@ class CRMRefiner:
         return self.model.arch
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str = "cpu", **kwargs) -> CRMRefiner:
+    def from_checkpoint(
+        cls, path: str | None = None, device: str = "cpu", **kwargs
+    ) -> CRMRefiner:
         """Load CRM weights from ``path`` (never downloads anything).
 
         Accepts the official ``model_45705`` (also saved as ``model_45705.aspx``), a plain state
         dict, and the project's checkpoint format; see :mod:`crm_d2.checkpoint` for the errors
-        raised on bad files. ``kwargs`` go to the constructor (``scales``, ``chunk_size``); the
-        scales stored in a project checkpoint are used when none are given.
+        raised on bad files. ``path=None`` loads the weights shipped with crm_d2
+        (:func:`crm_d2.weights.default_weights_path`). ``kwargs`` go to the constructor
+        (``scales``, ``chunk_size``); the scales stored in a project checkpoint are used when none
+        are given.
         """
-        from .checkpoint import load_crm
+        from .checkpoint import CheckpointError, load_crm
+        from .weights import default_weights_path
+
+        if path is None:
+            path = default_weights_path()
+            if path is None:
+                raise CheckpointError(
+                    "this crm_d2 install ships no default CRM weights: pass the path of the "
+                    "official 'model_45705' or of a checkpoint written by tools/train_crm.py"
+                )
 
         model, meta = load_crm(path)
         if "scales" not in kwargs and meta.get("scales"):

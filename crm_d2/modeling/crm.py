@@ -178,7 +178,8 @@ _EPS_SHIFT = 1e-6
 class CRMNet(nn.Module):
     """CRM network: ``feats`` (trunk), ``aspp_`` (fusion) and ``imnet`` (implicit decoder).
 
-    Use :meth:`encode` once per input and :meth:`decode` for as many query chunks as needed.
+    Use :meth:`encode` once per input and :meth:`decode` (any query coordinates, the authors'
+    arithmetic) or :meth:`decode_grid` (every pixel of a grid, faster) as often as needed.
     """
 
     def __init__(self, arch: CRMArch = OFFICIAL_ARCH) -> None:
@@ -238,50 +239,6 @@ class CRMNet(nn.Module):
             areas.append(torch.abs(rel_coord[:, :, 0] * rel_coord[:, :, 1]) + 1e-9)
         total = torch.stack(areas).sum(dim=0)
         # Each prediction is weighted by the area of the diagonally opposite corner.
-        areas = [areas[3], areas[2], areas[1], areas[0]]
-        out = 0
-        for pred, area in zip(preds, areas):
-            out = out + pred * (area / total)
-        return out
-
-    def decode_fast(
-        self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor
-    ) -> torch.Tensor:
-        """Same function as :meth:`decode`, computed with the first linear layer factored.
-
-        The first layer of the MLP is linear in its 262 inputs, so its 256 feature columns are
-        applied once per feature cell (a 1x1 convolution) instead of once per query and corner:
-        the gathered vectors shrink from ``C`` to ``hidden[0]`` values. Results equal
-        :meth:`decode` up to float rounding (about 1e-6).
-        """
-        fh, fw = feat.shape[-2:]
-        bsz, nq = coord.shape[:2]
-        first: nn.Linear = self.imnet.layers[0]
-        c = feat.shape[1]
-        w_feat, w_rest = first.weight[:, :c], first.weight[:, c:]
-        proj = F.conv2d(feat, w_feat[:, :, None, None].contiguous())  # (B, hidden0, fh, fw)
-        rest = nn.Sequential(*list(self.imnet.layers)[1:])
-        feat_coord = make_coord((fh, fw), device=feat.device).permute(2, 0, 1).unsqueeze(0)
-        # One gather serves both the projected features and the cell centres.
-        table = torch.cat([proj, feat_coord.to(proj.dtype).expand(bsz, 2, fh, fw)], dim=1)
-        hidden0 = proj.shape[1]
-        scale = torch.tensor([fh, fw], dtype=coord.dtype, device=coord.device)
-        rel_cell = cell * scale
-        preds, areas = [], []
-        for vy, vx in _SHIFTS:
-            shifted = coord.clone()
-            shifted[:, :, 0] += vy * (1.0 / fh) + _EPS_SHIFT
-            shifted[:, :, 1] += vx * (1.0 / fw) + _EPS_SHIFT
-            shifted.clamp_(-1 + 1e-6, 1 - 1e-6)
-            grid = shifted.flip(-1).unsqueeze(1)
-            q = F.grid_sample(table, grid, mode="nearest", align_corners=False)
-            q = q[:, :, 0, :].permute(0, 2, 1)
-            q_proj, centre = q[..., :hidden0], q[..., hidden0:]
-            rel_coord = (coord - centre) * scale
-            h = q_proj + torch.cat([rel_coord, coord, rel_cell], dim=-1) @ w_rest.t() + first.bias
-            preds.append(rest(h.reshape(bsz * nq, -1)).view(bsz, nq))
-            areas.append(torch.abs(rel_coord[:, :, 0] * rel_coord[:, :, 1]) + 1e-9)
-        total = torch.stack(areas).sum(dim=0)
         areas = [areas[3], areas[2], areas[1], areas[0]]
         out = 0
         for pred, area in zip(preds, areas):

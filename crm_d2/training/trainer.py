@@ -4,7 +4,7 @@ Shape shorthand: B = per-rank batch, S = crop size, Q = S * S queries per crop, 
 full validation image.
 
 One iteration: encode the (B, 3, S, S) crop and its (B, 1, S, S) coarse mask, decode ALL S x S
-pixel centres of the crop (cell 2 / S) with :meth:`CRMNet.decode_fast`, and apply
+pixel centres of the crop (cell 2 / S) with :meth:`CRMNet.decode_grid`, and apply
 :func:`~crm_d2.training.losses.crm_loss` to the (B, 1, S, S) logits against the soft ground
 truth. The paper's recipe is the default of :class:`TrainConfig`: crop 224, batch 12, 45,000
 iterations, Adam (lr 2.25e-4, weight decay 1e-4), lr x0.1 at 22,500 and 37,500.
