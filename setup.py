@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "crm-refine=crm_d2.cli.refine:main",
+            "crm-eval=crm_d2.cli.eval:main",
         ]
     },
 )

@@ -1,0 +1,297 @@
+"""``crm-eval``: refine a whole prediction set with CRM and report metrics before and after.
+
+Examples::
+
+    # instance predictions of a detector (detectron2's coco_instances_results.json)
+    crm-eval --weights model_45705 --output out/ --coco-instances instances_val2017.json \\
+        --images val2017/ --predictions coco_instances_results.json
+
+    # no detector at hand: coarse masks rendered from the ground truth at 1/8 resolution
+    crm-eval --weights model_45705 --output out/ --coco-instances instances_val2017.json \\
+        --images val2017/ --coarse-from-gt lowres:8 --limit 500
+
+    # panoptic predictions, and a BIG-layout folder
+    crm-eval --weights W --output out/ --coco-panoptic panoptic_val2017.json \\
+        --panoptic-dir panoptic_val2017/ --images val2017/ --pred-json pred.json --pred-dir pred/
+    crm-eval --weights W --output out/ --big BIG/test/
+
+    # several processes (GPUs or CPU), one or several nodes sharing the output folder
+    torchrun --nproc_per_node 4 -m crm_d2.cli.eval --device cuda --weights W --output out/ ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("crm_d2.eval")
+
+TINY_RANDOM_ARCH = dict(
+    block="basic",
+    layers=(1, 1, 1, 1),
+    width=16,
+    feat_dim=32,
+    mlp_hidden=(16, 16),
+    with_layer4=False,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="crm-eval",
+        description="Refine every predicted segment of a dataset with CRM, write the refined "
+        "predictions in the input's format, and report metrics before and after.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    w = p.add_argument_group("model")
+    w.add_argument(
+        "--weights",
+        default=None,
+        help="CRM checkpoint (official model_45705 or a crm_d2 checkpoint); default: "
+        "the weights shipped with crm_d2, if any",
+    )
+    w.add_argument(
+        "--random-weights",
+        nargs="?",
+        const="official",
+        default=None,
+        choices=("official", "tiny"),
+        help="use an UNTRAINED network of this architecture instead of weights "
+        "(speed and plumbing checks only: the numbers are meaningless)",
+    )
+    w.add_argument("--device", default="cpu", help="torch device (cuda = cuda:LOCAL_RANK)")
+    w.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help="CRM input scales, coarse to fine (default: the checkpoint's)",
+    )
+    w.add_argument("--chunk-size", type=int, default=None, help="decoder queries per call")
+
+    i = p.add_argument_group("input (one of --coco-instances, --coco-panoptic, --big)")
+    mode = i.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--coco-instances", metavar="JSON", help="COCO instance ground truth")
+    mode.add_argument("--coco-panoptic", metavar="JSON", help="COCO panoptic ground truth")
+    mode.add_argument(
+        "--big",
+        metavar="DIR",
+        help="folder in the BIG / CascadePSP layout (NAME_im.jpg, NAME_seg.png, NAME_gt.png)",
+    )
+    i.add_argument("--images", metavar="DIR", help="image folder (COCO layouts)")
+    i.add_argument(
+        "--predictions",
+        metavar="JSON",
+        help="instance results with RLE masks (detectron2's coco_instances_results.json)",
+    )
+    i.add_argument("--panoptic-dir", metavar="DIR", help="ground-truth panoptic PNG folder")
+    i.add_argument("--pred-json", metavar="JSON", help="panoptic prediction JSON")
+    i.add_argument("--pred-dir", metavar="DIR", help="panoptic prediction PNG folder")
+    i.add_argument(
+        "--coarse-from-gt",
+        metavar="SPEC",
+        help="make the coarse predictions from the ground truth: lowres:K (render "
+        "at 1/K and upsample bilinearly; K = 4, 8, 16), perturb or "
+        "perturb:LO-HI (CRM's training perturbation, IoU target in [LO, HI), "
+        "default 0.8-1.0)",
+    )
+    i.add_argument(
+        "--soft-coarse",
+        action="store_true",
+        help="with lowres:K, CRM receives the soft upsampled map (the binary coarse "
+        "mask is its > 0.5 part)",
+    )
+    i.add_argument(
+        "--as-panoptic",
+        action="store_true",
+        help="evaluate a COCO instance set as things-only panoptic (PQ): instances "
+        "painted in decreasing area order, smaller objects on top",
+    )
+    i.add_argument("--seed", type=int, default=0, help="seed of perturb and random weights")
+    i.add_argument("--limit", type=int, default=None, help="only the first N images")
+
+    r = p.add_argument_group("refinement")
+    r.add_argument(
+        "--expand-ratio",
+        type=float,
+        default=0.25,
+        help="ROI = mask box grown by this fraction of its size (a large value, "
+        "e.g. 100, refines on the whole image like the official BIG test)",
+    )
+    r.add_argument(
+        "--min-area",
+        type=int,
+        default=1024,
+        help="segments of at most this many pixels are kept unchanged",
+    )
+    r.add_argument("--batch-size", type=int, default=8, help="same-size ROIs per CRM call")
+    r.add_argument(
+        "--size-multiple",
+        type=int,
+        default=1,
+        help="round ROI sizes up to a multiple of this (more batching)",
+    )
+    r.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="refine images larger than this (longer side, px) at reduced size, "
+        "for speed; outputs and metrics stay at full resolution",
+    )
+
+    o = p.add_argument_group("output")
+    o.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    o.add_argument(
+        "--overlays",
+        type=int,
+        default=8,
+        help="before/after pictures of the N most improved and N most degraded objects",
+    )
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard cached per-image results in the output folder",
+    )
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"crm-eval: {message}")
+
+
+def _config(args: argparse.Namespace):
+    from crm_d2.segments import ROIOptions
+    from crm_d2.tool import CoarseSpec, EvalConfig, RefineSettings
+
+    mode = "instances" if args.coco_instances else "panoptic" if args.coco_panoptic else "big"
+    if mode != "big" and not args.images:
+        raise _fail("--images DIR is needed with --coco-instances / --coco-panoptic")
+    if mode == "panoptic" and not args.panoptic_dir:
+        raise _fail("--panoptic-dir DIR (the ground-truth PNGs) is needed with --coco-panoptic")
+    if mode != "panoptic" and (args.pred_json or args.pred_dir):
+        raise _fail(
+            "--pred-json/--pred-dir are panoptic predictions: use --predictions with "
+            "--coco-instances"
+        )
+    if mode != "instances" and args.predictions:
+        raise _fail(
+            "--predictions is for --coco-instances (use --pred-json/--pred-dir for panoptic)"
+        )
+    try:
+        coarse = (
+            CoarseSpec.parse(args.coarse_from_gt, seed=args.seed) if args.coarse_from_gt else None
+        )
+        roi = ROIOptions(
+            expand_ratio=args.expand_ratio,
+            min_area=args.min_area,
+            batch_size=args.batch_size,
+            size_multiple=args.size_multiple,
+        )
+        settings = RefineSettings(
+            roi=roi, scales=tuple(args.scales) if args.scales else None, max_side=args.max_side
+        )
+        return EvalConfig(
+            output=args.output,
+            mode=mode,
+            images=args.images,
+            coco_instances=args.coco_instances,
+            predictions=args.predictions,
+            coco_panoptic=args.coco_panoptic,
+            panoptic_dir=args.panoptic_dir,
+            pred_json=args.pred_json,
+            pred_dir=args.pred_dir,
+            big=args.big,
+            coarse=coarse,
+            soft_coarse=args.soft_coarse,
+            as_panoptic=args.as_panoptic,
+            limit=args.limit,
+            settings=settings,
+            overlays=args.overlays,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            random_weights=args.random_weights is not None,
+        )
+    except ValueError as e:
+        raise _fail(str(e)) from e
+
+
+def _refiner(args: argparse.Namespace, device: str):
+    import torch
+
+    from crm_d2 import CRMArch, CRMNet, CRMRefiner
+    from crm_d2.checkpoint import CheckpointError
+    from crm_d2.weights import default_weights_path
+
+    kwargs = {}
+    if args.chunk_size is not None:
+        kwargs["chunk_size"] = args.chunk_size
+    if args.scales:
+        kwargs["scales"] = tuple(args.scales)
+    if args.random_weights is not None:
+        if args.weights:
+            raise _fail("--weights and --random-weights exclude each other")
+        torch.manual_seed(args.seed)
+        arch = CRMArch() if args.random_weights == "official" else CRMArch(**TINY_RANDOM_ARCH)
+        desc = f"RANDOM ({args.random_weights} architecture, seed {args.seed})"
+        return CRMRefiner(CRMNet(arch), device, **kwargs), desc
+    path = args.weights or default_weights_path()
+    if path is None:
+        raise _fail(
+            "no CRM weights. Pass --weights PATH with the official CRM checkpoint "
+            "'model_45705' (download it yourself from the link in dvlab-research/Entity, "
+            "folder High-Quality-Segmention) or a checkpoint written by tools/train_crm.py; "
+            "--random-weights runs an untrained network (plumbing and speed checks only)."
+        )
+    try:
+        return CRMRefiner.from_checkpoint(path, device, **kwargs), path
+    except CheckpointError as e:
+        raise _fail(str(e)) from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from crm_d2.tool import init_distributed, run_evaluation
+    from crm_d2.tool.records import SettingsMismatch
+
+    dist, device = init_distributed(args.device)
+    logging.basicConfig(
+        level=logging.INFO if dist.rank == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        config = _config(args)
+        refiner, desc = _refiner(args, device)
+        config.weights = desc
+        if config.random_weights:
+            logger.warning(
+                "--random-weights: the network is UNTRAINED; the metrics will be "
+                "meaningless (speed and plumbing check only)"
+            )
+        try:
+            report = run_evaluation(config, refiner, dist)
+        except (ValueError, SettingsMismatch) as e:
+            raise _fail(str(e)) from e
+    finally:
+        if dist.distributed:
+            import torch
+
+            torch.distributed.destroy_process_group()
+    if report is not None:
+        if report["warning"]:
+            print(f"\n*** {report['warning']} ***")
+        print(
+            f"\ncrm-eval: {report['images']} images, {report['segments']} segments "
+            f"({report['refined_segments']} refined), "
+            f"{report['timing']['wall_seconds']:.1f} s"
+        )
+        print(report["console"])
+        print(f"reports: {report['outputs']['report']} and report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

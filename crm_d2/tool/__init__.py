@@ -1,0 +1,19 @@
+"""The ``crm-eval`` tool: refine a whole prediction set and report metrics before and after.
+
+No detectron2 needed. Entry points: :func:`run_evaluation` (library) and
+:func:`crm_d2.cli.eval.main` (command line).
+"""
+
+from .coarse import CoarseSpec
+from .refine import RefineSettings, refine_masks
+from .runner import DistInfo, EvalConfig, init_distributed, run_evaluation
+
+__all__ = [
+    "CoarseSpec",
+    "DistInfo",
+    "EvalConfig",
+    "RefineSettings",
+    "init_distributed",
+    "refine_masks",
+    "run_evaluation",
+]

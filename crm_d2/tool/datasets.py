@@ -1,0 +1,345 @@
+"""Readers of the inputs of ``crm-eval``: COCO instances, COCO panoptic and the BIG layout.
+
+Shape shorthand: H, W image size.
+
+Nothing here holds pixels of more than one image: a dataset object keeps the (small) JSON
+annotations and yields :class:`ImageItem` records; pixels are read per image on demand.
+
+Layouts:
+
+* COCO instances: an image folder, the ground-truth JSON (polygons, RLE or uncompressed crowd
+  RLE) and optionally a results JSON (``image_id``, ``category_id``, ``score``,
+  ``segmentation`` as RLE), the format of detectron2's ``coco_instances_results.json``.
+* COCO panoptic: an image folder, the ground-truth JSON + PNG folder and optionally a prediction
+  JSON + PNG folder (``annotations[i]`` with ``image_id``, ``file_name``, ``segments_info``).
+* BIG / CascadePSP: one folder with ``NAME_im.jpg`` (or .png), ``NAME_seg.png`` (coarse mask,
+  0..255) and ``NAME_gt.png`` (ground truth, 0..255).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..evaluation.panoptic import read_panoptic_png
+
+__all__ = [
+    "BigSet",
+    "CocoInstanceSet",
+    "CocoPanopticSet",
+    "ImageItem",
+    "decode_segmentation",
+    "read_gray",
+    "read_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+_BIG_IMAGE_SUFFIXES = ("_im.jpg", "_im.jpeg", "_im.png")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of an evaluation set.
+
+    Attributes:
+        key: unique, file-system-safe name of the image (the stem of its cache record).
+        image_id: the dataset's id (COCO ``id``; the NAME for BIG).
+        file_name: file name of the image inside the image folder.
+        image_path: full path of the image.
+        height, width: size announced by the annotations (None for BIG).
+    """
+
+    key: str
+    image_id: int | str
+    file_name: str
+    image_path: str
+    height: int | None = None
+    width: int | None = None
+
+
+def safe_key(value: Any) -> str:
+    """A file-system-safe version of an image id or name."""
+    text = _UNSAFE.sub("_", str(value)).strip("._")
+    return text or "image"
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB (gray and RGBA converted, alpha dropped)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def read_gray(path: str) -> np.ndarray:
+    """A mask file -> (H, W) uint8 0..255 (RGB masks are converted to luminance)."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I", "F"):
+            raise ValueError(f"{path}: {im.mode} masks are not supported, save them as 8-bit")
+        if im.mode == "P":
+            im = im.convert("RGB")
+        return np.asarray(im.convert("L"))
+
+
+def _load_json(path: str, what: str) -> Any:
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is not a folder")
+
+
+def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` (polygons, RLE or uncompressed RLE) -> (H, W) bool mask."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segm, list):
+        if not segm:
+            return np.zeros((height, width), bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm, Mapping) and isinstance(segm.get("counts"), list):
+        rle = mask_utils.frPyObjects(dict(segm), height, width)
+    elif isinstance(segm, Mapping) and "counts" in segm:
+        rle = dict(segm)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+        size = tuple(int(v) for v in rle["size"])
+        if size != (height, width):
+            raise ValueError(f"RLE of size {size} (H, W) for an image of {(height, width)}")
+    else:
+        raise ValueError(f"unknown COCO segmentation of type {type(segm).__name__}")
+    # pycocotools decodes to Fortran order; OpenCV-based consumers need C order
+    return np.ascontiguousarray(mask_utils.decode(rle), dtype=bool)
+
+
+def _index_images(images: Sequence[Mapping], images_dir: str) -> list[ImageItem]:
+    items, keys = [], set()
+    for info in images:
+        key = safe_key(info["id"])
+        if key in keys:
+            raise ValueError(f"two images map to the same key {key!r} (ids must be unique)")
+        keys.add(key)
+        items.append(
+            ImageItem(
+                key=key,
+                image_id=info["id"],
+                file_name=info["file_name"],
+                image_path=os.path.join(images_dir, info["file_name"]),
+                height=int(info["height"]) if "height" in info else None,
+                width=int(info["width"]) if "width" in info else None,
+            )
+        )
+    return items
+
+
+class CocoInstanceSet:
+    """COCO instance ground truth with optional instance predictions.
+
+    Args:
+        gt_json: path of the ground-truth JSON.
+        images_dir: folder of the images.
+        predictions: path of a results JSON (list of dicts with RLE ``segmentation``), or None.
+    """
+
+    def __init__(self, gt_json: str, images_dir: str, predictions: str | None = None) -> None:
+        self.gt_path = gt_json
+        self.gt: dict = _load_json(gt_json, "ground-truth JSON")
+        for key in ("images", "annotations", "categories"):
+            if key not in self.gt:
+                raise ValueError(f"{gt_json} has no '{key}': not a COCO instance annotation file")
+        _check_dir(images_dir, "image folder")
+        self.items = _index_images(self.gt["images"], images_dir)
+        self.categories = {int(c["id"]): c for c in self.gt["categories"]}
+        self._anns: dict[Any, list[dict]] = defaultdict(list)
+        for ann in self.gt["annotations"]:
+            self._anns[ann["image_id"]].append(ann)
+        self._preds: dict[Any, list[dict]] | None = None
+        if predictions is not None:
+            results = _load_json(predictions, "predictions JSON")
+            if not isinstance(results, list):
+                raise ValueError(
+                    f"{predictions} must hold a list of COCO results (detectron2's "
+                    "coco_instances_results.json), got a {type(results).__name__}"
+                )
+            self._preds = _group_results(results, {it.image_id for it in self.items}, predictions)
+
+    def annotations(self, image_id: Any) -> list[dict]:
+        """Ground-truth annotations of one image (JSON order)."""
+        return self._anns.get(image_id, [])
+
+    def predictions(self, image_id: Any) -> list[dict]:
+        """Predicted instances of one image (input order); [] without a predictions file."""
+        if self._preds is None:
+            return []
+        return self._preds.get(image_id, [])
+
+    def subset(self, image_ids: Iterable[Any]) -> dict:
+        """The ground truth restricted to ``image_ids`` (for evaluating a ``--limit`` run)."""
+        wanted = set(image_ids)
+        out = {k: v for k, v in self.gt.items() if k not in ("images", "annotations")}
+        out["images"] = [im for im in self.gt["images"] if im["id"] in wanted]
+        out["annotations"] = [a for a in self.gt["annotations"] if a["image_id"] in wanted]
+        return out
+
+
+def _group_results(results: list, image_ids: set, path: str) -> dict[Any, list[dict]]:
+    grouped: dict[Any, list[dict]] = defaultdict(list)
+    unknown = 0
+    for i, r in enumerate(results):
+        for key in ("image_id", "category_id", "score"):
+            if key not in r:
+                raise ValueError(f"{path}: result {i} has no '{key}'")
+        seg = r.get("segmentation")
+        if not (isinstance(seg, Mapping) and "counts" in seg and "size" in seg):
+            raise ValueError(
+                f"{path}: result {i} has no RLE 'segmentation' (a box-only detection file?); "
+                "crm-eval refines masks"
+            )
+        if r["image_id"] not in image_ids:
+            unknown += 1
+            continue
+        grouped[r["image_id"]].append(r)
+    if unknown:
+        logger.warning(
+            "%s: %d results refer to images absent from the ground truth: ignored", path, unknown
+        )
+    return grouped
+
+
+class CocoPanopticSet:
+    """COCO panoptic ground truth with optional panoptic predictions.
+
+    Args:
+        gt_json: ground-truth JSON (``images``, ``annotations``, ``categories`` with
+            ``isthing``).
+        gt_dir: folder of the ground-truth PNGs.
+        images_dir: folder of the images.
+        pred_json, pred_dir: prediction JSON and PNG folder (both or neither).
+    """
+
+    def __init__(
+        self,
+        gt_json: str,
+        gt_dir: str,
+        images_dir: str,
+        pred_json: str | None = None,
+        pred_dir: str | None = None,
+    ) -> None:
+        if (pred_json is None) != (pred_dir is None):
+            raise ValueError("panoptic predictions need both --pred-json and --pred-dir")
+        self.gt_path = gt_json
+        self.gt: dict = _load_json(gt_json, "panoptic ground-truth JSON")
+        for key in ("images", "annotations", "categories"):
+            if key not in self.gt:
+                raise ValueError(f"{gt_json} has no '{key}': not a COCO panoptic JSON")
+        _check_dir(gt_dir, "panoptic ground-truth PNG folder")
+        _check_dir(images_dir, "image folder")
+        self.gt_dir = gt_dir
+        self.categories = {int(c["id"]): c for c in self.gt["categories"]}
+        self._gt_anns = {a["image_id"]: a for a in self.gt["annotations"]}
+        images = [im for im in self.gt["images"] if im["id"] in self._gt_anns]
+        if len(images) != len(self.gt["images"]):
+            logger.warning(
+                "%d images of %s have no panoptic annotation: skipped",
+                len(self.gt["images"]) - len(images),
+                gt_json,
+            )
+        self.items = _index_images(images, images_dir)
+        self.pred_dir = pred_dir
+        self._pred_anns: dict[Any, dict] | None = None
+        if pred_json is not None:
+            _check_dir(pred_dir, "panoptic prediction PNG folder")
+            pred = _load_json(pred_json, "panoptic prediction JSON")
+            anns = pred["annotations"] if isinstance(pred, Mapping) else pred
+            self._pred_anns = {a["image_id"]: a for a in anns}
+
+    def png_name(self, item: ImageItem) -> str:
+        """File name of the image's panoptic PNG (the ground truth's; outputs reuse it)."""
+        return self._gt_anns[item.image_id]["file_name"]
+
+    def read_gt(
+        self, image_id: Any, shape: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, list[dict]]:
+        """(H, W) int64 ground-truth id map and its ``segments_info`` (``shape`` unused)."""
+        ann = self._gt_anns[image_id]
+        return read_panoptic_png(os.path.join(self.gt_dir, ann["file_name"])), list(
+            ann["segments_info"]
+        )
+
+    def read_prediction(
+        self, image_id: Any, shape: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, list[dict], str]:
+        """(H, W) int64 predicted id map, its ``segments_info`` and the PNG path."""
+        if self._pred_anns is None:
+            raise ValueError("no panoptic predictions were given")
+        if image_id not in self._pred_anns:
+            raise ValueError(f"the prediction JSON has no entry for image {image_id}")
+        ann = self._pred_anns[image_id]
+        path = os.path.join(self.pred_dir, ann["file_name"])
+        return read_panoptic_png(path), list(ann["segments_info"]), path
+
+    def subset(self, image_ids: Iterable[Any]) -> dict:
+        wanted = set(image_ids)
+        out = {k: v for k, v in self.gt.items() if k not in ("images", "annotations")}
+        out["images"] = [im for im in self.gt["images"] if im["id"] in wanted]
+        out["annotations"] = [a for a in self.gt["annotations"] if a["image_id"] in wanted]
+        return out
+
+
+@dataclass(frozen=True)
+class BigPaths:
+    image: str
+    coarse: str
+    gt: str
+
+
+class BigSet:
+    """A folder in the BIG / CascadePSP layout (``NAME_im.jpg``, ``NAME_seg.png``,
+    ``NAME_gt.png``), images sorted by NAME."""
+
+    def __init__(self, folder: str) -> None:
+        _check_dir(folder, "BIG folder")
+        self.folder = folder
+        self.items: list[ImageItem] = []
+        self.paths: dict[str, BigPaths] = {}
+        missing = []
+        for file_name in sorted(os.listdir(folder)):
+            suffix = next((s for s in _BIG_IMAGE_SUFFIXES if file_name.endswith(s)), None)
+            if suffix is None:
+                continue
+            name = file_name[: -len(suffix)]
+            coarse = os.path.join(folder, f"{name}_seg.png")
+            gt = os.path.join(folder, f"{name}_gt.png")
+            if not (os.path.isfile(coarse) and os.path.isfile(gt)):
+                missing.append(name)
+                continue
+            key = safe_key(name)
+            if key in self.paths:
+                raise ValueError(f"two images of {folder} map to the key {key!r}")
+            self.paths[key] = BigPaths(os.path.join(folder, file_name), coarse, gt)
+            self.items.append(ImageItem(key, name, file_name, os.path.join(folder, file_name)))
+        if missing:
+            logger.warning(
+                "%d images of %s lack NAME_seg.png or NAME_gt.png: skipped (%s)",
+                len(missing),
+                folder,
+                ", ".join(missing[:5]),
+            )
+        if not self.items:
+            raise ValueError(
+                f"{folder} holds no image in the BIG layout (NAME_im.jpg + NAME_seg.png + "
+                "NAME_gt.png)"
+            )

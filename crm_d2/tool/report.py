@@ -1,0 +1,374 @@
+"""Metrics before and after refinement, the report files and the before/after pictures.
+
+Everything here reads the per-image records of :mod:`.records` (one at a time, keeping only
+RLE results, segment lists and per-object numbers) and runs on rank 0 after all images are done.
+
+Metrics by input layout:
+
+* instances: COCO mask AP and Boundary AP, class-aware and class-agnostic
+  (:func:`crm_d2.evaluation.coco_mask_ap`), on the processed images only;
+* panoptic: PQ / SQ / RQ (All, Things, Stuff) and Boundary PQ
+  (:func:`crm_d2.evaluation.pq_compute`, :func:`crm_d2.evaluation.boundary_pq`);
+* BIG: pooled IoU, mBA, Boundary IoU (:class:`crm_d2.evaluation.BinaryMetrics`, the official
+  evaluation's definitions: a NaN mBA of one image makes the set's mBA NaN);
+* every layout: per-object scores of the predictions paired with a ground truth (pooled and mean
+  IoU, mBA (mean over objects with a defined mBA), Boundary IoU) and the share of objects whose
+  IoU went down / up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..evaluation.binary import BinaryMetrics, ObjectScores
+from ..evaluation.coco import coco_mask_ap
+from ..evaluation.panoptic import boundary_pq, pq_compute, read_panoptic_png
+from ..visualize import before_after
+from .datasets import ImageItem, decode_segmentation, read_gray, read_rgb
+from .records import OutputLayout, RecordStore, write_json
+
+__all__ = [
+    "format_table",
+    "instance_metrics",
+    "object_summary",
+    "panoptic_metrics",
+    "select_overlays",
+    "write_markdown",
+]
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[str, float, float]  # label, before, after (percent; NaN when undefined)
+
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: this run used an untrained CRM (--random-weights). Its numbers measure "
+    "speed and plumbing only; as refinement results they are MEANINGLESS."
+)
+
+_AP_RUNS = (
+    ("segm", False, "segm", "mask AP"),
+    ("boundary", False, "boundary", "Boundary AP"),
+    ("segm_agnostic", True, "segm", "mask AP (class-agnostic)"),
+    ("boundary_agnostic", True, "boundary", "Boundary AP (class-agnostic)"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+def instance_metrics(gt: dict, results: Sequence[dict]) -> dict[str, float]:
+    """Mask AP and Boundary AP, class-aware and class-agnostic, keys ``"<run>/<AP key>"``
+    (``segm``, ``boundary``, ``segm_agnostic``, ``boundary_agnostic``), in percent."""
+    out: dict[str, float] = {}
+    for name, agnostic, iou_type, _ in _AP_RUNS:
+        for key, value in coco_mask_ap(
+            gt, results, class_agnostic=agnostic, iou_type=iou_type
+        ).items():
+            out[f"{name}/{key}"] = value
+    return out
+
+
+def instance_rows(before: dict, after: dict) -> list[Row]:
+    rows = []
+    for name, _, _, label in _AP_RUNS:
+        keys = ("AP", "AP50", "AP75") if name == "segm" else ("AP",)
+        for key in keys:
+            suffix = "" if key == "AP" else key[2:]
+            text = label.replace("AP", f"AP{suffix}", 1)
+            rows.append((text, before[f"{name}/{key}"], after[f"{name}/{key}"]))
+    return rows
+
+
+def panoptic_metrics(gt_json: Any, gt_dir: str, pred_json: Any, pred_dir: str) -> dict[str, float]:
+    """PQ / SQ / RQ and Boundary PQ, keys ``"pq/<All|Things|Stuff>/<pq|sq|rq>"`` and
+    ``"bpq/..."``, in percent; per-class values are left out."""
+    out: dict[str, float] = {}
+    for prefix, fn in (("pq", pq_compute), ("bpq", boundary_pq)):
+        res = fn(gt_json, gt_dir, pred_json, pred_dir)
+        for split in ("All", "Things", "Stuff"):
+            for key in ("pq", "sq", "rq"):
+                out[f"{prefix}/{split}/{key}"] = 100 * res[split][key]
+            out[f"{prefix}/{split}/n"] = res[split]["n"]
+    return out
+
+
+def panoptic_rows(before: dict, after: dict) -> list[Row]:
+    rows = []
+    for split in ("All", "Things", "Stuff"):
+        for key in ("pq", "sq", "rq"):
+            name = f"pq/{split}/{key}"
+            rows.append((f"{key.upper()} {split}", before[name], after[name]))
+    for split in ("All", "Things", "Stuff"):
+        name = f"bpq/{split}/pq"
+        rows.append((f"Boundary PQ {split}", before[name], after[name]))
+    return rows
+
+
+def _scores(d: dict) -> ObjectScores:
+    return ObjectScores(**{k: (math.nan if v is None else v) for k, v in d.items()})
+
+
+def object_summary(objects: Sequence[dict]) -> dict[str, float]:
+    """Per-object before/after summary of paired predictions.
+
+    Returns:
+        ``before``/``after`` dicts with ``iou`` (pooled), ``mean_iou``, ``mba`` (mean over the
+        objects whose mBA is defined), ``boundary_iou`` (fractions), plus ``count``, ``refined``
+        (objects that went through CRM), ``worse``/``better`` counts and fractions (IoU strictly
+        down / up), ``worse_fraction_refined`` (among refined objects), ``mba_undefined``.
+    """
+    out: dict[str, Any] = {"count": len(objects)}
+    for side in ("before", "after"):
+        scores = [_scores(o[side]) for o in objects]
+        inter = sum(s.intersection for s in scores)
+        union = sum(s.union for s in scores)
+        mba = [s.mba for s in scores if not math.isnan(s.mba)]
+        out[side] = {
+            "iou": (1.0 if union == 0 else inter / union) if scores else math.nan,
+            "mean_iou": float(np.mean([s.iou for s in scores])) if scores else math.nan,
+            "mba": float(np.mean(mba)) if mba else math.nan,
+            "boundary_iou": (
+                float(np.mean([s.boundary_iou for s in scores])) if scores else math.nan
+            ),
+        }
+        out["mba_undefined"] = len(scores) - len(mba)
+    deltas = [_delta(o) for o in objects]
+    refined = [d for d, o in zip(deltas, objects) if o["refined"]]
+    n = len(objects)
+    out["refined"] = len(refined)
+    out["worse"] = sum(d < 0 for d in deltas)
+    out["better"] = sum(d > 0 for d in deltas)
+    out["worse_fraction"] = out["worse"] / n if n else math.nan
+    out["better_fraction"] = out["better"] / n if n else math.nan
+    out["worse_fraction_refined"] = (
+        sum(d < 0 for d in refined) / len(refined) if refined else math.nan
+    )
+    return out
+
+
+def big_summary(objects: Sequence[dict]) -> dict[str, float]:
+    """BIG metrics of the official evaluation (pooled IoU, mBA, Boundary IoU) before/after."""
+    metrics = BinaryMetrics()
+    metrics.refined = [_scores(o["after"]) for o in objects]
+    metrics.coarse = [_scores(o["before"]) for o in objects]
+    return metrics.summary()
+
+
+def object_rows(summary: dict) -> list[Row]:
+    b, a = summary["before"], summary["after"]
+    return [
+        ("object IoU (pooled)", 100 * b["iou"], 100 * a["iou"]),
+        ("object IoU (mean)", 100 * b["mean_iou"], 100 * a["mean_iou"]),
+        ("object mBA", 100 * b["mba"], 100 * a["mba"]),
+        ("object Boundary IoU", 100 * b["boundary_iou"], 100 * a["boundary_iou"]),
+    ]
+
+
+def big_rows(summary: dict) -> list[Row]:
+    return [
+        ("IoU (pooled)", 100 * summary["coarse_iou"], 100 * summary["iou"]),
+        ("mBA", 100 * summary["coarse_mba"], 100 * summary["mba"]),
+        ("Boundary IoU", 100 * summary["coarse_boundary_iou"], 100 * summary["boundary_iou"]),
+        ("IoU (mean per image)", 100 * summary["coarse_mean_iou"], 100 * summary["mean_iou"]),
+    ]
+
+
+def _delta(obj: dict) -> float:
+    return obj["after"]["iou"] - obj["before"]["iou"]
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A Markdown table (readable as plain text too): metric | before | after | change."""
+    lines = [("metric", "before", "after", "change")]
+    for label, before, after in rows:
+        change = after - before
+        sign = "+" if change > 0 else ""
+        lines.append(
+            (
+                label,
+                _fmt(before),
+                _fmt(after),
+                "n/a" if math.isnan(change) else f"{sign}{change:.2f}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+
+    def render(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "| " + " | ".join([first, *rest]) + " |"
+
+    rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]])
+    return "\n".join([render(lines[0]), rule + "|", *(render(r) for r in lines[1:])])
+
+
+# --------------------------------------------------------------------------------------------
+# Overlays
+# --------------------------------------------------------------------------------------------
+def select_overlays(objects: Iterable[tuple[str, dict]], n: int) -> list[tuple[str, str, dict]]:
+    """The ``n`` most improved and ``n`` most degraded objects by IoU change.
+
+    Args:
+        objects: (image key, object record) pairs.
+        n: how many of each kind.
+
+    Returns:
+        (kind, image key, object) triples, kind ``"improved"`` (largest gains first, gains > 0)
+        then ``"degraded"`` (largest losses first, losses > 0).
+    """
+    if n <= 0:
+        return []
+    pairs = list(objects)
+    gains = sorted((p for p in pairs if _delta(p[1]) > 0), key=lambda p: -_delta(p[1]))
+    losses = sorted((p for p in pairs if _delta(p[1]) < 0), key=lambda p: _delta(p[1]))
+    return [("improved", k, o) for k, o in gains[:n]] + [("degraded", k, o) for k, o in losses[:n]]
+
+
+MaskLoader = Callable[[dict, dict], tuple[np.ndarray, np.ndarray]]
+
+
+def instance_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse, refined) (H, W) bool masks of one object of an instance record."""
+    h, w, i = record["height"], record["width"], obj["index"]
+    return (
+        decode_segmentation(record["coarse_results"][i]["segmentation"], h, w),
+        decode_segmentation(record["refined_results"][i]["segmentation"], h, w),
+    )
+
+
+def panoptic_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
+    sid = obj["index"]
+    return (
+        read_panoptic_png(record["coarse_png"]) == sid,
+        read_panoptic_png(record["refined_png"]) == sid,
+    )
+
+
+def big_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
+    return read_gray(record["coarse_png"]) > 128, read_gray(record["refined_png"]) > 128
+
+
+def write_overlays(
+    chosen: Sequence[tuple[str, str, dict]],
+    items: dict[str, ImageItem],
+    store: RecordStore,
+    layout: OutputLayout,
+    masks_of: MaskLoader,
+    max_side: int = 800,
+) -> list[dict]:
+    """Write one before/after picture per chosen object into ``OUTPUT/overlays``.
+
+    Returns:
+        One entry per picture: ``kind``, ``file`` (relative to the output folder),
+        ``image_id``, ``index``, ``iou_before``, ``iou_after``.
+    """
+    if not chosen:
+        return []
+    folder = layout.dir("overlays")
+    out = []
+    counters = {"improved": 0, "degraded": 0}
+    for kind, key, obj in chosen:
+        counters[kind] += 1
+        record = store.read(key)
+        image = read_rgb(items[key].image_path)
+        coarse, refined = masks_of(record, obj)
+        x0, y0, x1, y1 = obj["crop"]
+        before, after = obj["before"]["iou"], obj["after"]["iou"]
+        pic = before_after(
+            image[y0:y1, x0:x1],
+            coarse[y0:y1, x0:x1],
+            refined[y0:y1, x0:x1],
+            max_side=max_side,
+            labels=(f"coarse IoU {before:.3f}", f"refined IoU {after:.3f}"),
+        )
+        name = f"{kind}_{counters[kind]:02d}_{key}_{obj['index']}.jpg"
+        cv2.imwrite(
+            os.path.join(folder, name),
+            cv2.cvtColor(pic, cv2.COLOR_RGB2BGR),
+            [cv2.IMWRITE_JPEG_QUALITY, 90],
+        )
+        out.append(
+            {
+                "kind": kind,
+                "file": f"overlays/{name}",
+                "image_id": record["image_id"],
+                "index": obj["index"],
+                "iou_before": before,
+                "iou_after": after,
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+def _nan0(value: float | None) -> float:
+    return 0.0 if value is None or math.isnan(value) else value
+
+
+def write_markdown(path: str, report: dict, rows: Sequence[Row]) -> None:
+    """Write the human-readable report (metrics table, settings, outputs, overlays)."""
+    lines = ["# crm-eval report", ""]
+    if report.get("warning"):
+        lines += [f"> **{report['warning']}**", ""]
+    lines += [
+        f"- input: {report['mode']} ({report['input']})",
+        f"- coarse masks: {report['coarse']}",
+        f"- weights: {report['weights']}",
+        f"- images: {report['images']}, predicted segments: {report['segments']}, "
+        f"refined by CRM: {report['refined_segments']}",
+        f"- wall time: {report['timing']['wall_seconds']:.1f} s on {report['world_size']} "
+        f"process(es); refinement {report['timing']['seconds_per_image']:.2f} s per image",
+        "",
+        "## Metrics (percent)",
+        "",
+        format_table(rows),
+        "",
+    ]
+    objs = report["objects"]
+    if objs["count"]:
+        lines += [
+            f"Per-object rows: {objs['count']} predictions paired with a ground truth "
+            f"({report['pairing']}); {objs['refined']} went through CRM. IoU went down for "
+            f"{objs['worse']} ({100 * objs['worse_fraction']:.1f}%; "
+            f"{100 * _nan0(objs['worse_fraction_refined']):.1f}% of the refined ones) and up for "
+            f"{objs['better']} ({100 * objs['better_fraction']:.1f}%).",
+            "",
+        ]
+    if report.get("notes"):
+        lines += [f"- {note}" for note in report["notes"]] + [""]
+    lines += ["## Settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["settings"].items()]
+    lines += ["", "## Output files", ""]
+    lines += [f"- {k}: `{v}`" for k, v in report["outputs"].items()]
+    if report["overlays"]:
+        lines += ["", "## Before / after (red: coarse, green: refined)", ""]
+        for ov in report["overlays"]:
+            lines += [
+                f"### {ov['kind']}: image {ov['image_id']}, object {ov['index']}, IoU "
+                f"{ov['iou_before']:.3f} -> {ov['iou_after']:.3f}",
+                "",
+                f"![{ov['kind']}]({ov['file']})",
+                "",
+            ]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_report_json(path: str, report: dict) -> None:
+    write_json(path, report, indent=1)
