@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from crm_d2 import CRMArch, CRMNet, save_crm
+from crm_d2 import CRMNet, save_crm
 from crm_d2.cli import refine as cli
+from crm_d2.modeling.crm import TINY_ARCH
 
-TINY = CRMArch(block="basic", layers=(1, 1, 1, 1), width=16, feat_dim=32, mlp_hidden=(16, 16),
-               with_layer4=False)
+TINY = TINY_ARCH
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from crm_d2 import CRMArch, CRMNet, save_crm  # noqa: E402
+from crm_d2 import CRMNet, save_crm  # noqa: E402
 from crm_d2.config import add_crm_config  # noqa: E402
 from crm_d2.meta_arch import (  # noqa: E402
     INNER_KEY,
@@ -36,18 +36,12 @@ from crm_d2.meta_arch import (  # noqa: E402
     parse_exclusive,
     parse_void_id,
 )
+from crm_d2.modeling.crm import TINY_ARCH  # noqa: E402
 from crm_d2.segments import ROIOptions  # noqa: E402
 
 H, W = 64, 96
 GROW = 2
-SMALL = CRMArch(
-    block="basic",
-    layers=(1, 1, 1, 1),
-    width=16,
-    feat_dim=32,
-    mlp_hidden=(16, 16),
-    with_layer4=False,
-)
+SMALL = TINY_ARCH
 
 
 # --------------------------------------------------------------------------------------------

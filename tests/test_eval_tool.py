@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from crm_d2 import CRMArch, CRMNet, save_crm
+from crm_d2 import CRMNet, save_crm
 from crm_d2.cli import eval as cli
 from crm_d2.evaluation import BinaryMetrics, coco_mask_ap, pq_compute
 from crm_d2.evaluation.binary import iou
 from crm_d2.evaluation.panoptic import boundary_pq, read_panoptic_png, write_panoptic_png
 from crm_d2.fusion import RefinedSegment
+from crm_d2.modeling.crm import TINY_ARCH
 from crm_d2.segments import ROIOptions
 from crm_d2.tool import CoarseSpec, RefineSettings, refine_masks
 from crm_d2.tool.as_panoptic import combine_instances, paint_by_area
@@ -33,14 +34,7 @@ from crm_d2.tool.matching import match_instances, match_panoptic
 from crm_d2.training.perturb import lowres_perturb
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = CRMArch(
-    block="basic",
-    layers=(1, 1, 1, 1),
-    width=16,
-    feat_dim=32,
-    mlp_hidden=(16, 16),
-    with_layer4=False,
-)
+TINY = TINY_ARCH
 FAST = ["--scales", "0.5", "1.0", "--quiet"]
 SIZES = ((60, 80), (64, 72), (56, 90), (52, 84))  # distinct, so a call tells its image
 
@@ -779,9 +773,7 @@ def test_panoptic_perfect_refiner_from_lowres_coarse(shared_data, tmp_path, weig
         out = []
         for i, m in enumerate(masks.numpy() > 0.5):
             best = max(by_size[(h, w)], key=lambda g: iou(m, g))
-            out.append(
-                RefinedSegment(i, torch.from_numpy(best).float(), (0, 0, w, h), isthing[i])
-            )
+            out.append(RefinedSegment(i, torch.from_numpy(best).float(), (0, 0, w, h), isthing[i]))
         return out
 
     monkeypatch.setattr("crm_d2.tool.refine.refine_segments", oracle)

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 
 from crm_d2 import CRMArch, CRMNet, CRMRefiner
 from crm_d2.inference import normalize_image, normalize_mask, prepare_inputs, reflect_pad
-from crm_d2.modeling.crm import make_coord, make_coord_axes
+from crm_d2.modeling.crm import TINY_ARCH, make_coord, make_coord_axes
 
-SMALL = CRMArch(block="basic", layers=(1, 1, 1, 1), width=16, feat_dim=32,
-                mlp_hidden=(16, 16), with_layer4=False)
+SMALL = TINY_ARCH
 
 
 def _refiner(arch: CRMArch = SMALL, seed: int = 0, **kw) -> CRMRefiner:

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from crm_d2 import CRMArch, CRMNet, CRMRefiner
+from crm_d2 import CRMNet, CRMRefiner
 from crm_d2.fusion import expand_box, mask_to_box
+from crm_d2.modeling.crm import TINY_ARCH
 from crm_d2.segments import ROIOptions, refine_segments
 
-SMALL = CRMArch(block="basic", layers=(1, 1, 1, 1), width=16, feat_dim=32, mlp_hidden=(16, 16),
-                with_layer4=False)
+SMALL = TINY_ARCH
 
 
 @pytest.fixture(scope="module")

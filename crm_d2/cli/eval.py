@@ -28,14 +28,6 @@ from collections.abc import Sequence
 
 logger = logging.getLogger("crm_d2.eval")
 
-TINY_RANDOM_ARCH = dict(
-    block="basic",
-    layers=(1, 1, 1, 1),
-    width=16,
-    feat_dim=32,
-    mlp_hidden=(16, 16),
-    with_layer4=False,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,8 +213,9 @@ def _config(args: argparse.Namespace):
 def _refiner(args: argparse.Namespace, device: str):
     import torch
 
-    from crm_d2 import CRMArch, CRMNet, CRMRefiner
+    from crm_d2 import CRMNet, CRMRefiner
     from crm_d2.checkpoint import CheckpointError
+    from crm_d2.modeling.crm import OFFICIAL_ARCH, TINY_ARCH
     from crm_d2.weights import default_weights_path
 
     kwargs = {}
@@ -234,7 +227,7 @@ def _refiner(args: argparse.Namespace, device: str):
         if args.weights:
             raise _fail("--weights and --random-weights exclude each other")
         torch.manual_seed(args.seed)
-        arch = CRMArch() if args.random_weights == "official" else CRMArch(**TINY_RANDOM_ARCH)
+        arch = OFFICIAL_ARCH if args.random_weights == "official" else TINY_ARCH
         desc = f"RANDOM ({args.random_weights} architecture, seed {args.seed})"
         return CRMRefiner(CRMNet(arch), device, **kwargs), desc
     path = args.weights or default_weights_path()

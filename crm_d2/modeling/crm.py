@@ -25,7 +25,8 @@ from torch.nn import functional as F
 
 from .backbone import ResNetTrunk
 
-__all__ = ["CRMArch", "CRMNet", "FeatureFusion", "ImplicitMLP", "make_coord"]
+__all__ = ["OFFICIAL_ARCH", "TINY_ARCH", "CRMArch", "CRMNet", "FeatureFusion", "ImplicitMLP",
+           "make_coord"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class CRMArch:
 
 
 OFFICIAL_ARCH = CRMArch()
+
+#: A very small CRM (one basic block per stage, 32-channel features) for tests and plumbing checks.
+TINY_ARCH = CRMArch(block="basic", layers=(1, 1, 1, 1), width=16, feat_dim=32, mlp_hidden=(16, 16),
+                    with_layer4=False)
 
 
 def make_coord(shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
