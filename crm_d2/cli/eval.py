@@ -29,7 +29,6 @@ from collections.abc import Sequence
 logger = logging.getLogger("crm_d2.eval")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crm-eval",

@@ -240,6 +240,25 @@ def select_overlays(objects: Iterable[tuple[str, dict]], n: int) -> list[tuple[s
 
 MaskLoader = Callable[[dict, dict], tuple[np.ndarray, np.ndarray]]
 
+OVERLAY_MIN_SIDE = 320  # small crops are enlarged to this longer side so that they stay legible
+
+
+def _enlarge(
+    image: np.ndarray, coarse: np.ndarray, refined: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Upscale an (h, w, 3) crop and its two (h, w) bool masks when ``max(h, w)`` is below
+    :data:`OVERLAY_MIN_SIDE` (image bilinear, masks nearest)."""
+    h, w = coarse.shape
+    if max(h, w) >= OVERLAY_MIN_SIDE:
+        return image, coarse, refined
+    s = OVERLAY_MIN_SIDE / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+
+    def grow(mask: np.ndarray) -> np.ndarray:
+        return cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), grow(coarse), grow(refined)
+
 
 def instance_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
     """(coarse, refined) (H, W) bool masks of one object of an instance record."""
@@ -288,10 +307,9 @@ def write_overlays(
         coarse, refined = masks_of(record, obj)
         x0, y0, x1, y1 = obj["crop"]
         before, after = obj["before"]["iou"], obj["after"]["iou"]
+        crops = _enlarge(image[y0:y1, x0:x1], coarse[y0:y1, x0:x1], refined[y0:y1, x0:x1])
         pic = before_after(
-            image[y0:y1, x0:x1],
-            coarse[y0:y1, x0:x1],
-            refined[y0:y1, x0:x1],
+            *crops,
             max_side=max_side,
             labels=(f"coarse IoU {before:.3f}", f"refined IoU {after:.3f}"),
         )
