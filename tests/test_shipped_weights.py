@@ -24,7 +24,7 @@ def test_format_and_metadata(refiner):
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert refiner.scales == (1.0,)
     train = refiner.metadata["training"]
-    assert train["iterations"] == 3000 and train["init"] == {"path": "scratch"}
+    assert train["iterations"] == 3000 and "Stage 2" in train["history"]
     assert refiner.model.feats.conv1.weight.dtype == torch.float32
 
 
