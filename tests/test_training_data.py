@@ -701,3 +701,11 @@ def test_crm_loss_perfect_prediction_and_gradients():
     assert logit2.grad.abs().sum() > 0
     with pytest.raises(ValueError):
         crm_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+
+
+def test_perturb_accepts_fortran_ordered_masks():
+    """pycocotools decodes masks in Fortran order; OpenCV drawing needs C order."""
+    gt = np.zeros((60, 80), np.uint8)
+    gt[10:50, 15:65] = 255
+    out = perturb_mask(np.asfortranarray(gt), 0.9, np.random.default_rng(0))
+    assert out.shape == gt.shape and set(np.unique(out)) <= {0, 255}

@@ -240,7 +240,8 @@ def perturb_mask(
     _check_mask(gt)
     if not 0.0 < iou_target <= 1.0:
         raise ValueError(f"iou_target must be in (0, 1], got {iou_target}")
-    simplified = simplify_contours(gt, rng)
+    # OpenCV's drawing functions need C-ordered arrays (pycocotools decodes Fortran-ordered ones)
+    simplified = simplify_contours(np.ascontiguousarray(gt), rng)
     return random_region_edits(simplified, iou_target, rng, legacy_kernels=legacy_kernels)
 
 
