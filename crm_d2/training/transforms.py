@@ -23,6 +23,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# one definition for training and inference, so the two normalisations cannot drift apart
+from ..inference import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -39,9 +42,6 @@ __all__ = [
     "random_grayscale",
     "rgb_to_gray",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _check_image(image: np.ndarray) -> None:
