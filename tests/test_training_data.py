@@ -18,6 +18,7 @@ from crm_d2.training.datasets import (
     CRMTrainDataset,
     list_image_mask_pairs,
     load_mask,
+    parse_perturb,
     sample_name,
     split_pairs,
 )
@@ -243,6 +244,32 @@ def test_lowres_known_answer():
     line = np.zeros((8, 8), np.uint8)
     line[:, 1] = 255
     assert (lowres_perturb(line, 4)[:, 0] == 64).all()
+
+
+def test_lowres_binary_is_the_thresholded_soft_map():
+    for gt in _shapes():
+        for k in (4, 8, 16):
+            soft = lowres_perturb(gt, k)
+            hard = lowres_perturb(gt, k, binary=True)
+            assert hard.dtype == np.uint8 and set(np.unique(hard)) <= {0, 255}
+            assert np.array_equal(hard > 0, soft >= 128)
+    # the corner of a square is rounded off: a blocky 1/8 map, not a copy of the input
+    gt = np.zeros((64, 64), np.uint8)
+    gt[8:40, 8:40] = 255
+    hard = lowres_perturb(gt, 8, binary=True)
+    assert hard[20, 20] == 255 and hard[60, 60] == 0 and not np.array_equal(hard, gt)
+    # binary output of a soft input (k = 1) is its threshold
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (4, 1))
+    assert np.array_equal(lowres_perturb(ramp, 1, binary=True) > 0, ramp >= 128)
+
+
+def test_parse_perturb():
+    assert parse_perturb("contour") == ("contour",)
+    assert parse_perturb("mixed") == ("contour", "lowres")
+    assert parse_perturb("contour+lowres+lowres_binary") == ("contour", "lowres", "lowres_binary")
+    for bad in ("blur", "contour+", "contour+contour", "lowres+Mixed", ""):
+        with pytest.raises(ValueError, match="bad perturbation"):
+            parse_perturb(bad)
 
 
 def test_lowres_range_and_iou_decreasing_with_k():
@@ -576,6 +603,27 @@ def test_train_dataset_binarises_gt_at_zero_for_the_coarse_mask(tmp_path):
     crop = center_crop_with_pad(mask, 32)
     assert torch.equal(s["coarse"], mask_to_tensor(np.where(crop > 0, 255, 0).astype(np.uint8)))
     assert torch.equal(s["gt"], gt_to_tensor(crop))  # the target stays soft
+
+
+def test_train_dataset_draws_every_listed_perturbation(tmp_path):
+    """``a+b+c``: each kind is drawn for some samples, and each sample's coarse mask is one of
+    the kinds' outputs for its crop."""
+    pairs = _make_tiny_dataset(tmp_path, 12)
+    ds = CRMTrainDataset(pairs, 160, "contour+lowres+lowres_binary", lowres_factors=(8,),
+                         augment=False, seed=1)
+    seen = set()
+    for i in range(len(ds)):
+        s = ds[i]
+        gt = np.rint(s["gt"][0].numpy() * 255).astype(np.uint8)
+        fg = np.where(gt > 0, 255, 0).astype(np.uint8)
+        if torch.equal(s["coarse"], mask_to_tensor(lowres_perturb(fg, 8, binary=True))):
+            seen.add("lowres_binary")
+        elif torch.equal(s["coarse"], mask_to_tensor(lowres_perturb(fg, 8))):
+            seen.add("lowres")
+        else:
+            assert set(s["coarse"].unique().tolist()) <= {-1.0, 1.0}
+            seen.add("contour")
+    assert seen == {"contour", "lowres", "lowres_binary"}
 
 
 def test_train_dataloader_batches(tmp_path):

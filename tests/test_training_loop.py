@@ -267,18 +267,24 @@ def test_init_loads_matching_tensors_only(tmp_path):
 # ============================================================================ validation
 
 
-def test_val_samples_alternate_perturbations(disc_pairs):
+def test_val_samples_rotate_perturbations(disc_pairs):
     source = ImageMaskPairs(disc_pairs)
     a = make_val_samples([source], seed=3, max_per_source=5)
     b = make_val_samples([source], seed=3, max_per_source=5)
-    assert [s.perturb for s in a] == ["contour", "lowres"] * 2 + ["contour"]
+    assert [s.perturb for s in a] == ["contour", "lowres", "lowres_binary", "contour", "lowres"]
     assert all(np.array_equal(x.coarse, y.coarse) for x, y in zip(a, b))
     for s in a:
         fg = np.where(s.gt > 127, 255, 0).astype(np.uint8)
-        if s.perturb == "lowres":
-            assert s.detail == 8 and np.array_equal(s.coarse, lowres_perturb(fg, 8))
+        if s.perturb.startswith("lowres"):
+            binary = s.perturb == "lowres_binary"
+            assert s.detail == 8
+            assert np.array_equal(s.coarse, lowres_perturb(fg, 8, binary=binary))
         else:
             assert 0.8 <= s.detail < 1.0 and not np.array_equal(s.coarse, fg)
+    two = make_val_samples([source], seed=3, max_per_source=4, kinds=("contour", "lowres"))
+    assert [s.perturb for s in two] == ["contour", "lowres"] * 2
+    with pytest.raises(ValueError, match="blur"):
+        make_val_samples([source], kinds=("contour", "blur"))
 
 
 def test_validate_scores_against_hand_computation():

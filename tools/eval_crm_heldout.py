@@ -3,13 +3,15 @@
 
 Pass the same ``--data`` specs, ``--val-fraction`` and ``--seed`` as the training run: the split
 is a deterministic hash, so exactly the held-out images are evaluated. Every held-out object is
-given two coarse masks:
+given three coarse masks:
 
 * ``perturb``: the paper's training perturbation (contour cut + vertex subsampling + random
   rectangle edits) at an IoU target drawn uniformly in [0.8, 1.0) (seeded per object);
 * ``lowres8``: the ground truth rendered at 1/8 resolution (area average) and upsampled
   bilinearly, i.e. what a stride-8 network gives; CRM receives the soft map, the "before"
-  numbers use it thresholded at 0.5.
+  numbers use it thresholded at 0.5;
+* ``lowres8_binary``: the same map thresholded at 0.5 and given to CRM as a 0/255 mask, which
+  is what detectron2 models return (same "before" numbers as ``lowres8``).
 
 For each kind it reports, before and after refinement: pooled IoU, mean IoU, mBA (CascadePSP's
 definition) and Boundary IoU, plus the share of objects whose IoU got worse. Writes
@@ -43,7 +45,7 @@ from crm_d2.training.sources import build_source
 
 logger = logging.getLogger("eval_crm_heldout")
 
-KINDS = ("perturb", "lowres8")
+KINDS = ("perturb", "lowres8", "lowres8_binary")
 COLUMNS = ("iou", "mean_iou", "mba", "boundary_iou")
 
 
@@ -53,6 +55,8 @@ def coarse_mask(fg: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
         return perturb_mask(fg, random_iou_target(rng), rng)
     if kind == "lowres8":
         return lowres_perturb(fg, 8)
+    if kind == "lowres8_binary":
+        return lowres_perturb(fg, 8, binary=True)
     raise ValueError(f"unknown coarse kind {kind!r}")
 
 

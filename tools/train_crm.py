@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from crm_d2.training.datasets import parse_perturb
 from crm_d2.training.sources import build_source
 
 logger = logging.getLogger("train_crm")
@@ -44,6 +45,14 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.replace(",", " ").split())
+
+
+def _perturb(text: str) -> str:
+    try:
+        parse_perturb(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--perturb",
-        choices=("contour", "lowres", "mixed"),
+        type=_perturb,
         default="contour",
-        help="coarse masks of the training crops (paper: contour)",
+        help="coarse masks of the training crops (paper: contour): contour, lowres (soft 1/k "
+        "map), lowres_binary (the 1/k map thresholded, as detectron2 models return), several "
+        "joined by '+' to draw one per sample, or mixed (= contour+lowres)",
     )
     g.add_argument(
         "--lowres-factors",
@@ -206,10 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'kind':<6}  {'train':>7}  {'held out':>8}  source")
         for spec, kind, n_train, n_val in rows:
             print(f"{kind:<6}  {n_train:>7}  {n_val:>8}  {spec}")
-        n_contour = sum(s.perturb == "contour" for s in val_samples)
+        counts = {k: sum(s.perturb == k for s in val_samples)
+                  for k in ("contour", "lowres", "lowres_binary")}
         print(
             f"total: {sum(r[2] for r in rows)} training samples; {len(val_samples)} validation "
-            f"images ({n_contour} contour-perturbed, {len(val_samples) - n_contour} low-res 1/8)"
+            f"images ({counts['contour']} contour-perturbed, {counts['lowres']} soft low-res 1/8, "
+            f"{counts['lowres_binary']} binary low-res 1/8)"
         )
         sys.stdout.flush()
     cfg = dataclasses.replace(

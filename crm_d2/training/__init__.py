@@ -9,6 +9,7 @@ from .datasets import (
     CRMTrainDataset,
     ImageMaskPairs,
     list_image_mask_pairs,
+    parse_perturb,
     split_pairs,
 )
 from .losses import crm_loss, sobel_magnitude
@@ -21,6 +22,7 @@ __all__ = [
     "crm_loss",
     "list_image_mask_pairs",
     "lowres_perturb",
+    "parse_perturb",
     "perturb_mask",
     "random_iou_target",
     "sobel_magnitude",

@@ -418,7 +418,26 @@ class CocoObjectPairs(Dataset):
 
 # --------------------------------------------------------------------------- training samples
 
-_PERTURB_MODES = ("contour", "lowres", "mixed")
+PERTURB_KINDS = ("contour", "lowres", "lowres_binary")
+_PERTURB_ALIASES = {"mixed": ("contour", "lowres")}
+
+
+def parse_perturb(spec: str) -> tuple[str, ...]:
+    """``"contour+lowres_binary"`` -> ``("contour", "lowres_binary")``.
+
+    A perturbation spec is one kind of :data:`PERTURB_KINDS` or several joined by ``+`` (each
+    sample then draws one of them uniformly); ``"mixed"`` means ``"contour+lowres"``.
+    """
+    if spec in _PERTURB_ALIASES:
+        return _PERTURB_ALIASES[spec]
+    kinds = tuple(k.strip() for k in str(spec).split("+"))
+    bad = [k for k in kinds if k not in PERTURB_KINDS]
+    if bad or len(set(kinds)) != len(kinds):
+        raise ValueError(
+            f"bad perturbation {spec!r}: use one of {PERTURB_KINDS} or several joined by '+' "
+            f"(e.g. 'contour+lowres+lowres_binary'), or 'mixed' (= contour+lowres)"
+        )
+    return kinds
 
 
 class CRMTrainDataset(Dataset):
@@ -435,7 +454,9 @@ class CRMTrainDataset(Dataset):
 
     Perturbations: ``"contour"`` = :func:`perturb_mask` with an IoU target uniform in
     ``iou_range`` (the paper's); ``"lowres"`` = :func:`lowres_perturb` with k drawn from
-    ``lowres_factors``; ``"mixed"`` = one of the two with p 1/2 each.
+    ``lowres_factors`` (soft map); ``"lowres_binary"`` = the same thresholded at 128 (what
+    detectron2 models return); several joined by ``+`` = one of them drawn uniformly per sample
+    (:func:`parse_perturb`); ``"mixed"`` = ``"contour+lowres"``.
 
     Randomness: sample ``idx`` uses ``np.random.default_rng([seed, epoch, idx])`` (``[seed, idx]``
     when not augmenting), so results are reproducible and independent of worker assignment.
@@ -445,7 +466,7 @@ class CRMTrainDataset(Dataset):
     Args:
         pairs: (image path, mask path) pairs or a :class:`PairSource` (e.g. CocoObjectPairs).
         crop_size: S.
-        perturb: "contour", "lowres" or "mixed".
+        perturb: perturbation spec, e.g. "contour", "mixed" or "contour+lowres+lowres_binary".
         lowres_factors: candidate k for "lowres".
         seed: base seed.
         augment: training (True) or deterministic validation (False) sampling.
@@ -468,12 +489,11 @@ class CRMTrainDataset(Dataset):
         grayscale_p: float = 0.1,
         legacy_kernels: bool = False,
     ):
-        if perturb not in _PERTURB_MODES:
-            raise ValueError(f"perturb must be one of {_PERTURB_MODES}, got {perturb!r}")
+        kinds = parse_perturb(perturb)
         if crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {crop_size}")
         factors = tuple(int(k) for k in lowres_factors)
-        if perturb != "contour" and (not factors or min(factors) < 1):
+        if kinds != ("contour",) and (not factors or min(factors) < 1):
             raise ValueError(f"lowres_factors must be non-empty integers >= 1, got {factors}")
         if hasattr(pairs, "load"):
             self.source = pairs
@@ -483,6 +503,7 @@ class CRMTrainDataset(Dataset):
             raise ValueError("CRMTrainDataset got no samples")
         self.crop_size = int(crop_size)
         self.perturb = perturb
+        self.perturb_kinds = kinds
         self.lowres_factors = factors
         self.seed = int(seed)
         self.augment = bool(augment)
@@ -505,14 +526,15 @@ class CRMTrainDataset(Dataset):
         return np.random.default_rng([self.seed, idx])
 
     def _coarse(self, fg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        mode = self.perturb
-        if mode == "mixed":
-            mode = "contour" if rng.random() < 0.5 else "lowres"
+        kinds = self.perturb_kinds
+        mode = kinds[0]
+        if len(kinds) > 1:
+            mode = kinds[min(int(rng.random() * len(kinds)), len(kinds) - 1)]
         if mode == "contour":
             target = random_iou_target(rng, *self.iou_range)
             return perturb_mask(fg, target, rng, legacy_kernels=self.legacy_kernels)
         k = self.lowres_factors[int(rng.integers(len(self.lowres_factors)))]
-        return lowres_perturb(fg, k)
+        return lowres_perturb(fg, k, binary=mode == "lowres_binary")
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor | str]:
         image, mask, name = self.source.load(idx)

@@ -245,7 +245,7 @@ def perturb_mask(
     return random_region_edits(simplified, iou_target, rng, legacy_kernels=legacy_kernels)
 
 
-def lowres_perturb(gt: np.ndarray, k: int) -> np.ndarray:
+def lowres_perturb(gt: np.ndarray, k: int, binary: bool = False) -> np.ndarray:
     """Coarse mask as a stride-``k`` network would produce it.
 
     The mask is area-averaged down to (ceil(H/k), ceil(W/k)) (OpenCV ``INTER_AREA``: exact
@@ -254,20 +254,30 @@ def lowres_perturb(gt: np.ndarray, k: int) -> np.ndarray:
     about k pixels wide and structures thinner than about k pixels fade or vanish. ``k = 1``
     returns the input unchanged.
 
+    With ``binary=True`` the upsampled map is thresholded at 128 (0/255), which is what a
+    detectron2 model hands over: Mask R-CNN pastes its 28x28 soft mask bilinearly and
+    thresholds at 0.5, PanopticFCN / Panoptic FPN upsample logits and take the argmax. The
+    boundary is then hard and smooth but shifted (corners rounded, thin parts cut).
+
     Args:
         gt: (H, W) uint8 mask (0..255; soft values allowed).
         k: integer downsampling factor >= 1.
+        binary: threshold the result at 128.
 
     Returns:
-        (H, W) uint8 soft mask in 0..255.
+        (H, W) uint8 mask in 0..255 (0/255 when ``binary``).
     """
     _check_mask(gt)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if k == 1:
-        return gt.copy()
-    h, w = gt.shape
-    small_size = (max(1, math.ceil(w / k)), max(1, math.ceil(h / k)))
-    small = cv2.resize(gt.astype(np.float32), small_size, interpolation=cv2.INTER_AREA)
-    up = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.clip(np.rint(up), 0, 255).astype(np.uint8)
+        out = gt.copy()
+    else:
+        h, w = gt.shape
+        small_size = (max(1, math.ceil(w / k)), max(1, math.ceil(h / k)))
+        small = cv2.resize(gt.astype(np.float32), small_size, interpolation=cv2.INTER_AREA)
+        up = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+        out = np.clip(np.rint(up), 0, 255).astype(np.uint8)
+    if binary:
+        out = np.where(out >= 128, 255, 0).astype(np.uint8)
+    return out

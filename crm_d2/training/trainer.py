@@ -239,7 +239,7 @@ class ValSample:
         gt: (H, W) uint8 0..255 ground truth.
         coarse: (H, W) uint8 0..255 coarse mask (the refiner's input).
         name: sample name.
-        perturb: how ``coarse`` was made: ``"contour"`` or ``"lowres"``.
+        perturb: how ``coarse`` was made: ``"contour"``, ``"lowres"`` or ``"lowres_binary"``.
         detail: the perturbation's parameter (IoU target, or the 1/k factor).
     """
 
@@ -257,14 +257,16 @@ def make_val_samples(
     lowres_factor: int = 8,
     iou_range: tuple[float, float] = (0.8, 1.0),
     max_per_source: int | None = None,
+    kinds: Sequence[str] = ("contour", "lowres", "lowres_binary"),
 ) -> list[ValSample]:
     """Load held-out images and give each a fixed coarse mask (deterministic in ``seed``).
 
-    Samples alternate between the two perturbations (even positions: the paper's contour
-    perturbation, :func:`perturb_mask`, at an IoU target drawn uniformly from ``iou_range``; odd
-    positions: :func:`lowres_perturb` at 1/``lowres_factor``), so half of each set is of each
-    kind. The ground truth is binarised at > 127 before perturbing. Sample ``k`` draws from
-    ``np.random.default_rng([seed, k])``. Images whose ground truth is empty are skipped.
+    Sample ``k`` gets perturbation ``kinds[k % len(kinds)]``: ``"contour"`` = the paper's
+    contour perturbation, :func:`perturb_mask`, at an IoU target drawn uniformly from
+    ``iou_range``; ``"lowres"`` = :func:`lowres_perturb` at 1/``lowres_factor`` (soft map);
+    ``"lowres_binary"`` = the same thresholded at 128. The ground truth is binarised at > 127
+    before perturbing. Sample ``k`` draws from ``np.random.default_rng([seed, k])``. Images
+    whose ground truth is empty are skipped.
 
     Args:
         sources: pair sources (anything with ``__len__`` and ``load(idx)``).
@@ -272,10 +274,15 @@ def make_val_samples(
         lowres_factor: k of the low-resolution rendering.
         iou_range: [low, high) of the contour perturbation's IoU target.
         max_per_source: keep at most this many samples per source, evenly spaced (None = all).
+        kinds: perturbations to rotate through.
 
     Returns:
         the samples, in source order.
     """
+    kinds = tuple(kinds)
+    unknown = set(kinds) - {"contour", "lowres", "lowres_binary"}
+    if not kinds or unknown:
+        raise ValueError(f"unknown validation perturbation(s) {sorted(unknown)} in {kinds}")
     entries = []
     for si, src in enumerate(sources):
         n = len(src)
@@ -291,13 +298,14 @@ def make_val_samples(
             empty += 1
             continue
         rng = np.random.default_rng([seed, k])
-        if k % 2 == 0:
+        kind = kinds[k % len(kinds)]
+        if kind == "contour":
             target = random_iou_target(rng, *iou_range)
             coarse = perturb_mask(fg, target, rng)
-            samples.append(ValSample(image, mask, coarse, name, "contour", float(target)))
+            samples.append(ValSample(image, mask, coarse, name, kind, float(target)))
         else:
-            coarse = lowres_perturb(fg, lowres_factor)
-            samples.append(ValSample(image, mask, coarse, name, "lowres", float(lowres_factor)))
+            coarse = lowres_perturb(fg, lowres_factor, binary=kind == "lowres_binary")
+            samples.append(ValSample(image, mask, coarse, name, kind, float(lowres_factor)))
     if empty:
         logger.info("validation: skipped %d sample(s) with an empty ground truth", empty)
     return samples
