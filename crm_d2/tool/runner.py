@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from ..distributed import DistInfo
+from ..distributed import init_distributed as _init_distributed
 from ..inference import CRMRefiner
 from .as_panoptic import InstancesAsPanoptic
 from .coarse import CoarseSpec
@@ -164,45 +164,10 @@ def _file_stamp(path: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Distributed helpers
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-
 def init_distributed(device: str) -> tuple[DistInfo, str]:
-    """Join the process group set up by ``torchrun`` (if any) and pick this process's device.
-
-    Uses NCCL for CUDA devices, gloo otherwise. A CUDA device without an index becomes
-    ``cuda:LOCAL_RANK``.
-
-    Returns:
-        The :class:`DistInfo` and the device string for this process.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(), device
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda")
-    if cuda and ":" not in device:
-        device = f"cuda:{local_rank}"
-    if cuda:
-        torch.cuda.set_device(torch.device(device))
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
-    return DistInfo(rank, world, local_rank), device
+    """:func:`crm_d2.distributed.init_distributed` with the evaluation tool's timeout (a day:
+    the final barrier waits for the slowest shard)."""
+    return _init_distributed(device, DIST_TIMEOUT)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, load_crm, load_state_dict_file, save_crm
+from ..distributed import DistInfo, init_distributed
 from ..evaluation.binary import object_scores
 from ..inference import DEFAULT_SCALES, CRMRefiner
 from ..modeling.crm import OFFICIAL_ARCH, CRMArch, CRMNet
@@ -429,43 +430,13 @@ def load_init_weights(model: CRMNet, path: str) -> dict[str, Any]:
 # ============================================================================ infrastructure
 
 
-@dataclass
-class _DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
 def _device_type(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name).type
 
 
-def _init_distributed(device_type: str, timeout_min: float) -> _DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _DistInfo()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_initialized():
-        return _DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, False)
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
-    return _DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, True)
-
-
-def _resolve_device(name: str, info: _DistInfo) -> torch.device:
+def _resolve_device(name: str, info: DistInfo) -> torch.device:
     kind = _device_type(name)
     if kind == "cuda":
         if not torch.cuda.is_available():
@@ -633,7 +604,9 @@ def train(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
 
-    info = _init_distributed(_device_type(cfg.device), cfg.dist_timeout_min)
+    info, _ = init_distributed(
+        _device_type(cfg.device), datetime.timedelta(minutes=cfg.dist_timeout_min)
+    )
     try:
         return _train(cfg, train_datasets, list(val_samples), info)
     finally:
@@ -642,7 +615,7 @@ def train(
 
 
 def _train(
-    cfg: TrainConfig, datasets: list[Dataset], val_samples: list[ValSample], info: _DistInfo
+    cfg: TrainConfig, datasets: list[Dataset], val_samples: list[ValSample], info: DistInfo
 ) -> str:
     device = _resolve_device(cfg.device, info)
     main = info.is_main
@@ -1020,7 +993,7 @@ def _load_training_state(
     scaler: torch.amp.GradScaler | None,
     arch: CRMArch,
     cfg: TrainConfig,
-    info: _DistInfo,
+    info: DistInfo,
     device: torch.device,
 ) -> tuple[int, float, dict | None]:
     """Restore a ``last.pth``; returns (iteration, wall time so far, best validation)."""
