@@ -45,6 +45,7 @@ from crm_d2.training.transforms import (
     pad_if_needed,
     random_crop_flip,
     random_grayscale,
+    random_rescale,
     rgb_to_gray,
 )
 
@@ -328,6 +329,39 @@ def test_random_crop_flip_consistency():
         assert np.array_equal(co_c, (3 * x + y) % 256)
         flips += int(x[0, 0] > x[0, -1])
     assert 8 <= flips <= 32  # Binomial(40, 0.5)
+
+
+def test_random_rescale():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    gt = np.zeros((80, 120), np.uint8)
+    gt[20:60, 40:80] = 255
+    small, small_gt, f = random_rescale(image, gt, np.random.default_rng(1), (0.25, 0.5))
+    assert 0.25 <= f <= 0.5
+    assert small.shape == (round(80 * f), round(120 * f), 3) and small_gt.shape == small.shape[:2]
+    # area averaging keeps the foreground share (0.1667 of the image) and makes soft edges
+    assert small_gt.mean() / 255 == pytest.approx(gt.mean() / 255, abs=0.03)
+    same, same_gt, f1 = random_rescale(image, gt, np.random.default_rng(1), (1.0, 1.0))
+    assert f1 == 1.0 and same is image and same_gt is gt
+    big, big_gt, f2 = random_rescale(image, gt, np.random.default_rng(1), (2.0, 2.0))
+    assert f2 == 2.0 and big.shape == (160, 240, 3) and big_gt[80, 120] == 255
+    with pytest.raises(ValueError, match="scale_range"):
+        random_rescale(image, gt, rng, (0.5, 0.25))
+
+
+def test_train_dataset_scale_range(tmp_path):
+    """With scale_range the object shrinks in the crop; (1, 1) leaves the samples untouched."""
+    pairs = _make_tiny_dataset(tmp_path, 2)
+    plain = CRMTrainDataset(pairs, 160, "contour", seed=2)
+    same = CRMTrainDataset(pairs, 160, "contour", seed=2, scale_range=(1.0, 1.0))
+    shrunk = CRMTrainDataset(pairs, 160, "contour", seed=2, scale_range=(0.3, 0.3))
+    for i in range(2):
+        assert torch.equal(plain[i]["gt"], same[i]["gt"])
+        assert torch.equal(plain[i]["coarse"], same[i]["coarse"])
+        # a 60 px radius circle at 0.3x: about pi * 18^2 = 1018 px of foreground
+        assert shrunk[i]["gt"].sum() == pytest.approx(np.pi * 18**2, rel=0.15)
+    with pytest.raises(ValueError, match="scale_range"):
+        CRMTrainDataset(pairs, 160, scale_range=(0.0, 1.0))
 
 
 def test_random_crop_pads_small_inputs_with_zero():

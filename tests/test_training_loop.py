@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -340,6 +341,17 @@ def test_cli_help_runs_without_detectron2():
     assert "--data KIND:PATH" in res.stdout and "--resume" in res.stdout
 
 
+def test_cli_rejects_bad_perturbation_and_scale_range():
+    tool = runpy.run_path(str(REPO_ROOT / "tools" / "train_crm.py"), run_name="train_crm")
+    parser = tool["build_parser"]()
+    args = parser.parse_args(["--data", "folder:/x", "--perturb", "contour+lowres_binary",
+                              "--scale-range", "0.25,1"])
+    assert args.perturb == "contour+lowres_binary" and args.scale_range == (0.25, 1.0)
+    for bad in (["--perturb", "blur"], ["--scale-range", "1,0.5"], ["--scale-range", "0.5"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--data", "folder:/x", *bad])
+
+
 def test_cli_data_spec_parsing():
     from crm_d2.training.sources import parse_data_spec as parse
     assert parse("folder:/a/b") == ("folder", ["/a/b"])
@@ -376,6 +388,10 @@ def test_ddp_two_process_gloo_smoke(tmp_path):
         "0.25",
         "--val-scales",
         "1",
+        "--perturb",
+        "contour+lowres_binary",
+        "--scale-range",
+        "0.5,1",
         "--num-workers",
         "0",
         "--threads",
@@ -397,6 +413,9 @@ def test_ddp_two_process_gloo_smoke(tmp_path):
     assert len(_events(out, "val")) == 1
     model, meta = load_crm(str(out / "model_final.pth"))
     assert meta["training"]["hardware"]["world_size"] == 2
+    described = meta["training"]["datasets"][0]
+    assert described["perturb"] == "contour+lowres_binary"
+    assert described["scale_range"] == [0.5, 1.0]
     ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert len(ckpt["train_state"]["rng"]) == 2
     # The two ranks drew different dropout streams.

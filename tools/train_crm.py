@@ -47,6 +47,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.replace(",", " ").split())
 
 
+def _floats2(text: str) -> tuple[float, float]:
+    values = tuple(float(v) for v in text.replace(",", " ").split())
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI, got {text!r}")
+    return values
+
+
 def _perturb(text: str) -> str:
     try:
         parse_perturb(text)
@@ -87,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="coarse masks of the training crops (paper: contour): contour, lowres (soft 1/k "
         "map), lowres_binary (the 1/k map thresholded, as detectron2 models return), several "
         "joined by '+' to draw one per sample, or mixed (= contour+lowres)",
+    )
+    g.add_argument(
+        "--scale-range",
+        type=_floats2,
+        default=(1.0, 1.0),
+        metavar="LO,HI",
+        help="random resize of each training image by a factor in [LO, HI] before the crop "
+        "(not in the paper; e.g. '0.25,1' to train for the coarse-to-fine scales)",
     )
     g.add_argument(
         "--lowres-factors",
@@ -204,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 perturb=args.perturb,
                 lowres_factors=args.lowres_factors,
                 seed=args.seed * 1000 + i,
+                scale_range=args.scale_range,
             )
         )
         val_sources.append(val_src)

@@ -38,6 +38,7 @@ from .transforms import (
     mask_to_tensor,
     random_crop_flip,
     random_grayscale,
+    random_rescale,
 )
 
 __all__ = [
@@ -474,6 +475,9 @@ class CRMTrainDataset(Dataset):
         jitter: (brightness, contrast, saturation) strengths.
         grayscale_p: probability of the grayscale conversion.
         legacy_kernels: reproduce the released model's morphology-kernel draw.
+        scale_range: (low, high) factor of a random resize of the whole image before the crop
+            (:func:`~crm_d2.training.transforms.random_rescale`; training only). ``(1, 1)``, the
+            paper's recipe, draws nothing.
     """
 
     def __init__(
@@ -488,6 +492,7 @@ class CRMTrainDataset(Dataset):
         jitter: tuple[float, float, float] = (0.2, 0.05, 0.05),
         grayscale_p: float = 0.1,
         legacy_kernels: bool = False,
+        scale_range: tuple[float, float] = (1.0, 1.0),
     ):
         kinds = parse_perturb(perturb)
         if crop_size < 1:
@@ -511,6 +516,9 @@ class CRMTrainDataset(Dataset):
         self.jitter = tuple(float(j) for j in jitter)
         self.grayscale_p = float(grayscale_p)
         self.legacy_kernels = bool(legacy_kernels)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        if not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -540,6 +548,8 @@ class CRMTrainDataset(Dataset):
         image, mask, name = self.source.load(idx)
         rng = self._rng(idx)
         if self.augment:
+            if self.scale_range != (1.0, 1.0):
+                image, mask, _ = random_rescale(image, mask, rng, self.scale_range)
             image, gt, _ = random_crop_flip(image, mask, rng, self.crop_size)
         else:
             image = center_crop_with_pad(image, self.crop_size)

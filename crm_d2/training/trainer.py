@@ -529,7 +529,7 @@ def _describe_datasets(datasets: Sequence[Dataset]) -> list[dict[str, Any]]:
     out = []
     for ds in datasets:
         d: dict[str, Any] = {"type": type(ds).__name__, "samples": len(ds)}
-        for attr in ("crop_size", "perturb", "lowres_factors", "seed"):
+        for attr in ("crop_size", "perturb", "lowres_factors", "scale_range", "seed"):
             if hasattr(ds, attr):
                 value = getattr(ds, attr)
                 d[attr] = list(value) if isinstance(value, tuple) else value

@@ -20,6 +20,7 @@ All randomness comes from an explicit ``np.random.Generator``.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
@@ -40,6 +41,7 @@ __all__ = [
     "pad_if_needed",
     "random_crop_flip",
     "random_grayscale",
+    "random_rescale",
     "rgb_to_gray",
 ]
 
@@ -133,6 +135,42 @@ def random_crop_flip(
         return np.ascontiguousarray(a)
 
     return crop(image), crop(gt), None if coarse is None else crop(coarse)
+
+
+def random_rescale(
+    image: np.ndarray,
+    gt: np.ndarray,
+    rng: np.random.Generator,
+    scale_range: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Resize image and ground truth by one factor drawn uniformly from ``scale_range``.
+
+    Not in the paper's recipe (it trains on native-resolution crops only): a crm_d2 option so
+    that the network also sees objects at the coarser resolutions of CRM's coarse-to-fine
+    inference schedule (0.125 ... 1.0 of the input). Down-scaling uses area averaging, up-scaling
+    bilinear interpolation; the ground truth stays soft (0..255). Sides are at least 1 pixel.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        gt: (H, W) uint8 ground truth 0..255.
+        rng: random generator (one draw).
+        scale_range: (low, high) with 0 < low <= high.
+
+    Returns:
+        (image (H', W', 3), gt (H', W'), the factor), H' = round(H * factor).
+    """
+    low, high = float(scale_range[0]), float(scale_range[1])
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+    factor = float(rng.uniform(low, high)) if high > low else low
+    h, w = gt.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    if size == (w, h):
+        return image, gt, factor
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    image = cv2.resize(image, size, interpolation=interp)
+    gt = cv2.resize(gt, size, interpolation=interp)
+    return np.ascontiguousarray(image), np.ascontiguousarray(gt), factor
 
 
 def center_crop_with_pad(array: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
