@@ -217,8 +217,10 @@ class CRMRefiner:
                 )
 
         model, meta = load_crm(path)
-        if "scales" not in kwargs and meta.get("scales"):
-            kwargs["scales"] = tuple(meta["scales"])
+        if kwargs.get("scales") is None:
+            kwargs.pop("scales", None)
+            if meta.get("scales"):
+                kwargs["scales"] = tuple(meta["scales"])
         return cls(model, device, metadata=meta, **kwargs)
 
     # ---------------------------------------------------------------- numpy entry point

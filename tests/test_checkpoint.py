@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_crm
 
 from crm_d2 import CheckpointError, CRMArch, CRMNet, CRMRefiner, load_crm, save_crm
 
@@ -24,14 +25,7 @@ def _official_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _random_model(arch: CRMArch = TINY, seed: int = 0) -> CRMNet:
-    torch.manual_seed(seed)
-    net = CRMNet(arch)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+    return random_crm(arch, seed, random_bn=True, calibrate=False)
 
 
 def test_official_architecture_matches_key_list():
@@ -81,6 +75,9 @@ def test_project_format_half_without_layer4(tmp_path):
     assert obj["state_dict"]["feats.conv1.weight"].dtype == torch.float16
     refiner = CRMRefiner.from_checkpoint(str(path))
     assert refiner.scales == (0.25, 1.0)
+    # scales=None means "not given" (command-line tools pass it through); explicit ones win
+    assert CRMRefiner.from_checkpoint(str(path), scales=None).scales == (0.25, 1.0)
+    assert CRMRefiner.from_checkpoint(str(path), scales=[1.0]).scales == (1.0,)
     assert refiner.metadata["training"] == {"iterations": 3}
     w = refiner.model.feats.conv1.weight
     assert w.dtype == torch.float32

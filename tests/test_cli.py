@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from crm_d2 import CRMNet, save_crm
+from crm_d2 import save_crm
 from crm_d2.cli import refine as cli
 from crm_d2.modeling.crm import TINY_ARCH
 
@@ -15,13 +14,9 @@ TINY = TINY_ARCH
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    net = CRMNet(TINY)
-    with torch.no_grad():
-        net.imnet.layers[-1].weight.mul_(20)
-    path = tmp_path_factory.mktemp("w") / "tiny.pth"
-    save_crm(net, str(path), half=True)
+def weights(tmp_path_factory, make_crm) -> str:
+    path = tmp_path_factory.mktemp("w") / "tiny_fp16.pth"
+    save_crm(make_crm(TINY), str(path), half=True)
     return str(path)
 
 

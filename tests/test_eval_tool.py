@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from crm_d2 import CRMNet, save_crm
 from crm_d2.cli import eval as cli
 from crm_d2.evaluation import BinaryMetrics, coco_mask_ap, pq_compute
 from crm_d2.evaluation.binary import iou
@@ -40,14 +39,8 @@ SIZES = ((60, 80), (64, 72), (56, 90), (52, 84))  # distinct, so a call tells it
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    net = CRMNet(TINY)
-    with torch.no_grad():
-        net.imnet.layers[-1].weight.mul_(20)
-    path = tmp_path_factory.mktemp("w") / "tiny.pth"
-    save_crm(net, str(path))
-    return str(path)
+def weights(tiny_weights) -> str:
+    return tiny_weights
 
 
 # --------------------------------------------------------------------------------------------

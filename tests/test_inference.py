@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_crm
 
-from crm_d2 import CRMArch, CRMNet, CRMRefiner
+from crm_d2 import CRMArch, CRMRefiner
 from crm_d2.inference import normalize_image, normalize_mask, prepare_inputs, reflect_pad
 from crm_d2.modeling.crm import TINY_ARCH, make_coord, make_coord_axes
 
@@ -15,16 +16,7 @@ SMALL = TINY_ARCH
 
 
 def _refiner(arch: CRMArch = SMALL, seed: int = 0, **kw) -> CRMRefiner:
-    torch.manual_seed(seed)
-    net = CRMNet(arch)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-        # keep logits away from saturation so comparisons mean something
-        net.imnet.layers[-1].weight.mul_(20.0)
-    return CRMRefiner(net, **kw)
+    return CRMRefiner(random_crm(arch, seed, random_bn=True), **kw)
 
 
 @pytest.fixture(scope="module")

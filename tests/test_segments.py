@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from crm_d2 import CRMNet, CRMRefiner
+from crm_d2 import CRMRefiner
 from crm_d2.fusion import expand_box, mask_to_box
 from crm_d2.modeling.crm import TINY_ARCH
 from crm_d2.segments import ROIOptions, refine_segments
@@ -15,12 +15,8 @@ SMALL = TINY_ARCH
 
 
 @pytest.fixture(scope="module")
-def refiner() -> CRMRefiner:
-    torch.manual_seed(0)
-    net = CRMNet(SMALL)
-    with torch.no_grad():
-        net.imnet.layers[-1].weight.mul_(20)
-    return CRMRefiner(net)
+def refiner(make_crm) -> CRMRefiner:
+    return CRMRefiner(make_crm(SMALL))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import torch
 
 from crm_d2.checkpoint import load_crm, save_crm
 from crm_d2.evaluation.binary import boundary_accuracy
-from crm_d2.inference import DEFAULT_SCALES, CRMRefiner
+from crm_d2.inference import CRMRefiner
 from crm_d2.modeling.crm import CRMNet
 from crm_d2.training.datasets import CRMTrainDataset, ImageMaskPairs, list_image_mask_pairs
 from crm_d2.training.perturb import lowres_perturb
@@ -156,10 +156,10 @@ def test_loss_decreases_and_outputs(tmp_path, disc_pairs):
     listed = json.loads((out / "val_samples.json").read_text())
     assert [v["perturb"] for v in listed] == ["contour", "lowres"]
 
-    # Final export: half precision, no layer4, the official scales, a training record.
+    # Final export: half precision, no layer4, the validated scales, a training record.
     assert final == str(out / "model_final.pth")
     refiner = CRMRefiner.from_checkpoint(final)
-    assert refiner.scales == DEFAULT_SCALES
+    assert refiner.scales == (0.5, 1.0)  # cfg.val_scales: the file refines as it was measured
     meta = refiner.metadata["training"]
     assert meta["iterations"] == 30 and meta["train_samples"] == 8
     assert meta["hardware"]["device"] == "cpu" and meta["val"]["iou_after"] == vals[-1]["iou_after"]

@@ -116,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0, help="the training run's split seed")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scales", type=float, nargs="+", default=None,
+                    help="refinement scales (default: the ones stored in the checkpoint)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     ap.add_argument("--output", default="output/heldout_eval")
     args = ap.parse_args(argv)
@@ -127,9 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = f"{kind}:{os.path.basename(spec.split(':')[1].rstrip('/'))}"
         sources.append((name, val))
         logger.info("%s: %d held-out samples", name, len(val))
-    refiner = CRMRefiner.from_checkpoint(args.weights, args.device)
+    refiner = CRMRefiner.from_checkpoint(args.weights, args.device, scales=args.scales)
     result = evaluate(refiner, sources, args.seed, args.limit)
-    result.update(weights=os.path.abspath(args.weights), data=args.data,
+    result.update(weights=os.path.abspath(args.weights), scales=list(refiner.scales),
+                  data=args.data,
                   val_fraction=args.val_fraction, seed=args.seed)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "heldout_eval.json"), "w") as f:

@@ -17,7 +17,9 @@ Files written to ``TrainConfig.output_dir`` (rank 0 only):
   (:func:`~crm_d2.checkpoint.load_crm` reads it; the training state comes back as metadata).
 * ``best.pth``: project-format weights with the highest validation IoU gain so far.
 * ``model_final.pth``: the final weights for release, float16, without layer4, with the
-  inference scales and a ``training`` record (data, iterations, wall time, hardware).
+  inference scales and a ``training`` record (data, iterations, wall time, hardware). The
+  stored scales are ``val_scales``, the schedule the run was validated with (``best.pth`` and
+  ``last.pth`` store them too), so the file refines as it was measured.
 * ``metrics.jsonl``: one JSON dict per training log, validation and checkpoint event.
 * ``config.json``: the configuration of the latest start; ``val_samples.json``: the validation
   images and how each one's coarse mask was made.
@@ -131,7 +133,8 @@ class TrainConfig:
         val_every: iterations between validations (0 = only at the end).
         ckpt_every: iterations between ``last.pth`` writes (it is always written at the end).
         val_scales: scales of :meth:`CRMRefiner.refine` during validation (the official
-            ``(0.125, 0.25, 0.5, 1.0)``; fewer is cheaper).
+            ``(0.125, 0.25, 0.5, 1.0)``; fewer is cheaper), also stored in the saved weights as
+            their default inference scales.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast of the encoder; CUDA only (ignored
             with a warning elsewhere). The decoder and the loss always run in float32.
         init: ``"scratch"`` (random initialisation) or a checkpoint path for fine-tuning (the
@@ -766,7 +769,7 @@ def _train(
             "version": FORMAT_VERSION,
             "arch": arch.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-            "scales": list(DEFAULT_SCALES),
+            "scales": list(cfg.val_scales),
             "train_state": {
                 "iteration": it,
                 "optimizer": optimizer.state_dict(),
@@ -809,7 +812,7 @@ def _train(
                 best_path,
                 half=False,
                 drop_layer4=True,
-                scales=tuple(DEFAULT_SCALES),
+                scales=cfg.val_scales,
                 training=_plain({"iteration": it, "val": res, "config": cfg.to_dict()}),
             )
             logger.info(
@@ -937,7 +940,7 @@ def _train(
             final_path,
             half=True,
             drop_layer4=True,
-            scales=tuple(DEFAULT_SCALES),
+            scales=cfg.val_scales,
             training=_plain(training),
         )
         metrics.write(
