@@ -33,7 +33,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from crm_d2.training.datasets import parse_perturb
+from crm_d2.training.datasets import PERTURB_KINDS, parse_perturb
 from crm_d2.training.sources import build_source
 
 logger = logging.getLogger("train_crm")
@@ -233,8 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'kind':<6}  {'train':>7}  {'held out':>8}  source")
         for spec, kind, n_train, n_val in rows:
             print(f"{kind:<6}  {n_train:>7}  {n_val:>8}  {spec}")
-        counts = {k: sum(s.perturb == k for s in val_samples)
-                  for k in ("contour", "lowres", "lowres_binary")}
+        counts = {k: sum(s.perturb == k for s in val_samples) for k in PERTURB_KINDS}
         print(
             f"total: {sum(r[2] for r in rows)} training samples; {len(val_samples)} validation "
             f"images ({counts['contour']} contour-perturbed, {counts['lowres']} soft low-res 1/8, "

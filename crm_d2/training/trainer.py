@@ -59,7 +59,7 @@ from ..distributed import DistInfo, init_distributed
 from ..evaluation.binary import object_scores
 from ..inference import DEFAULT_SCALES, CRMRefiner
 from ..modeling.crm import OFFICIAL_ARCH, CRMArch, CRMNet
-from .datasets import PairSource
+from .datasets import PERTURB_KINDS, PairSource
 from .losses import crm_loss
 from .perturb import lowres_perturb, perturb_mask, random_iou_target
 
@@ -284,7 +284,7 @@ def make_val_samples(
         the samples, in source order.
     """
     kinds = tuple(kinds)
-    unknown = set(kinds) - {"contour", "lowres", "lowres_binary"}
+    unknown = set(kinds) - set(PERTURB_KINDS)
     if not kinds or unknown:
         raise ValueError(f"unknown validation perturbation(s) {sorted(unknown)} in {kinds}")
     entries = []
