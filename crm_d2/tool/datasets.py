@@ -188,11 +188,16 @@ class CocoInstanceSet:
 
     def subset(self, image_ids: Iterable[Any]) -> dict:
         """The ground truth restricted to ``image_ids`` (for evaluating a ``--limit`` run)."""
-        wanted = set(image_ids)
-        out = {k: v for k, v in self.gt.items() if k not in ("images", "annotations")}
-        out["images"] = [im for im in self.gt["images"] if im["id"] in wanted]
-        out["annotations"] = [a for a in self.gt["annotations"] if a["image_id"] in wanted]
-        return out
+        return _gt_subset(self.gt, image_ids)
+
+
+def _gt_subset(gt: dict, image_ids: Iterable[Any]) -> dict:
+    """A COCO-style ground-truth dict keeping only the images (and annotations) of ``image_ids``."""
+    wanted = set(image_ids)
+    out = {k: v for k, v in gt.items() if k not in ("images", "annotations")}
+    out["images"] = [im for im in gt["images"] if im["id"] in wanted]
+    out["annotations"] = [a for a in gt["annotations"] if a["image_id"] in wanted]
+    return out
 
 
 def _group_results(results: list, image_ids: set, path: str) -> dict[Any, list[dict]]:
@@ -292,11 +297,8 @@ class CocoPanopticSet:
         return read_panoptic_png(path), list(ann["segments_info"]), path
 
     def subset(self, image_ids: Iterable[Any]) -> dict:
-        wanted = set(image_ids)
-        out = {k: v for k, v in self.gt.items() if k not in ("images", "annotations")}
-        out["images"] = [im for im in self.gt["images"] if im["id"] in wanted]
-        out["annotations"] = [a for a in self.gt["annotations"] if a["image_id"] in wanted]
-        return out
+        """The ground truth restricted to ``image_ids`` (for evaluating a ``--limit`` run)."""
+        return _gt_subset(self.gt, image_ids)
 
 
 @dataclass(frozen=True)

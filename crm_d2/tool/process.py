@@ -82,6 +82,17 @@ def _read_image(item: ImageItem) -> np.ndarray:
     return image
 
 
+def _record_header(item: ImageItem, shape: tuple[int, int]) -> dict[str, Any]:
+    """The fields every per-image record starts with."""
+    return {
+        "key": item.key,
+        "image_id": item.image_id,
+        "file_name": item.file_name,
+        "height": shape[0],
+        "width": shape[1],
+    }
+
+
 def _scores(s: ObjectScores) -> dict[str, float]:
     return asdict(s)
 
@@ -181,11 +192,7 @@ def process_instances(ctx: ProcessContext, dataset: CocoInstanceSet, item: Image
         soft = None
 
     record: dict[str, Any] = {
-        "key": item.key,
-        "image_id": item.image_id,
-        "file_name": item.file_name,
-        "height": shape[0],
-        "width": shape[1],
+        **_record_header(item, shape),
         "vanished": vanished,
         "segments": len(preds),
         "coarse_results": [],
@@ -261,11 +268,7 @@ def process_panoptic(ctx: ProcessContext, dataset: Any, item: ImageItem) -> dict
             f"image {item.image_id}: ground-truth PNG is {gt_ids.shape}, image {shape}"
         )
     record: dict[str, Any] = {
-        "key": item.key,
-        "image_id": item.image_id,
-        "file_name": item.file_name,
-        "height": shape[0],
-        "width": shape[1],
+        **_record_header(item, shape),
         "png": png,
     }
     if dataset.gt_dir is None:
@@ -406,11 +409,7 @@ def process_big(ctx: ProcessContext, dataset: BigSet, item: ImageItem) -> dict:
     after = object_scores(answer, gt) if used_refined else before
     crop = _crop_box([coarse > 128, answer > 128, gt > 128], shape)
     return {
-        "key": item.key,
-        "image_id": item.image_id,
-        "file_name": item.file_name,
-        "height": shape[0],
-        "width": shape[1],
+        **_record_header(item, shape),
         "segments": 1,
         "coarse_png": os.path.abspath(paths.coarse),
         "refined_png": os.path.abspath(refined_png),
