@@ -72,6 +72,15 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def panoptic_sample(shared_data) -> Path:
+    """``coco_panoptic_sample/`` of the shared data (2 COCO val2017 images, panoptic format)."""
+    root = shared_data / "coco_panoptic_sample"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    return root
+
+
 def pytest_report_header(config):
     root = shared_data_root()
     try:

@@ -74,16 +74,8 @@ def test_original_image_mapper(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Metadata and registration
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sample(shared_data):
-    root = shared_data / "coco_panoptic_sample"
-    if not root.is_dir():
-        pytest.skip(f"{root} not found")
-    return root
-
-
-def test_panoptic_metadata_matches_detectron2_builtin(sample):
-    cats = json.loads((sample / "panoptic_coco_categories.json").read_text())
+def test_panoptic_metadata_matches_detectron2_builtin(panoptic_sample):
+    cats = json.loads((panoptic_sample / "panoptic_coco_categories.json").read_text())
     for separated, builtin in (
         (True, "coco_panoptic_separated"),
         (False, "coco_panoptic_standard"),
@@ -101,23 +93,23 @@ def test_panoptic_metadata_matches_detectron2_builtin(sample):
 
 
 @pytest.fixture(scope="module")
-def registered(sample, tmp_path_factory):
+def registered(panoptic_sample, tmp_path_factory):
     name = unique("crm_test_panoptic")
     meta = register_coco_panoptic_folder(
         name,
-        str(sample / "input_images"),
-        str(sample / "panoptic_examples"),
-        str(sample / "panoptic_examples.json"),
+        str(panoptic_sample / "input_images"),
+        str(panoptic_sample / "panoptic_examples"),
+        str(panoptic_sample / "panoptic_examples.json"),
         cache_dir=str(tmp_path_factory.mktemp("cache")),
     )
     prepare_dataset_files(name)
     return name, meta
 
 
-def test_register_panoptic_folder_dicts(registered, sample):
+def test_register_panoptic_folder_dicts(registered, panoptic_sample):
     name, meta = registered
     dicts = DatasetCatalog.get(name)
-    gt = json.loads((sample / "panoptic_examples.json").read_text())
+    gt = json.loads((panoptic_sample / "panoptic_examples.json").read_text())
     assert [d["image_id"] for d in dicts] == [a["image_id"] for a in gt["annotations"]]
     for d, ann in zip(dicts, gt["annotations"]):
         assert Image.open(d["file_name"]).size == (d["width"], d["height"])
@@ -131,9 +123,9 @@ def test_register_panoptic_folder_dicts(registered, sample):
     assert meta.evaluator_type == "coco_panoptic_seg"
 
 
-def test_derived_files(registered, sample):
+def test_derived_files(registered, panoptic_sample):
     name, meta = registered
-    gt = json.loads((sample / "panoptic_examples.json").read_text())
+    gt = json.loads((panoptic_sample / "panoptic_examples.json").read_text())
     isthing = {c["id"]: c["isthing"] for c in gt["categories"]}
     segs = [s for a in gt["annotations"] for s in a["segments_info"]]
     instances = json.loads(open(meta.json_file).read())
@@ -224,10 +216,12 @@ class EntityView(DatasetEvaluator):
         return self.inner.evaluate()
 
 
-def test_before_after_with_detectron2_evaluators_known_answers(registered, sample, tmp_path):
+def test_before_after_with_detectron2_evaluators_known_answers(
+    registered, panoptic_sample, tmp_path
+):
     name, meta = registered
     records = DatasetCatalog.get(name)
-    gt = json.loads((sample / "panoptic_examples.json").read_text())
+    gt = json.loads((panoptic_sample / "panoptic_examples.json").read_text())
     cats = {c["id"]: c for c in gt["categories"]}
     # drop the only sports ball (category 37): its category's PQ becomes 0
     ball = [s for a in gt["annotations"] for s in a["segments_info"] if s["category_id"] == 37]

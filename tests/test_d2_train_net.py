@@ -42,14 +42,6 @@ def train_net():
     return module
 
 
-@pytest.fixture(scope="module")
-def sample(shared_data):
-    root = shared_data / "coco_panoptic_sample"
-    if not root.is_dir():
-        pytest.skip(f"{root} not found")
-    return root
-
-
 def test_parser_keeps_trailing_opts(train_net):
     args = train_net.build_parser().parse_args(
         [
@@ -122,13 +114,13 @@ def test_setup_imports_module_and_calls_adder_before_yaml(train_net, tmp_path, m
         train_net.setup(args)
 
 
-def test_evaluation_tasks(train_net, sample, tmp_path):
+def test_evaluation_tasks(train_net, panoptic_sample, tmp_path):
     name = f"crm_tasks_{uuid.uuid4().hex[:8]}"
     register_coco_panoptic_folder(
         name,
-        str(sample / "input_images"),
-        str(sample / "panoptic_examples"),
-        str(sample / "panoptic_examples.json"),
+        str(panoptic_sample / "input_images"),
+        str(panoptic_sample / "panoptic_examples"),
+        str(panoptic_sample / "panoptic_examples.json"),
         cache_dir=str(tmp_path),
     )
     cfg = get_cfg()
@@ -161,7 +153,7 @@ def _table(log: str, task: str) -> dict[str, list[float]]:
     return rows
 
 
-def test_eval_only_end_to_end_before_after(sample, tmp_path):
+def test_eval_only_end_to_end_before_after(panoptic_sample, tmp_path):
     """Panoptic FPN R50 (random weights, MODEL.WEIGHTS "") + a random tiny CRM on CPU."""
     crm = tmp_path / "crm.pth"
     torch.manual_seed(0)
@@ -175,9 +167,9 @@ def test_eval_only_end_to_end_before_after(sample, tmp_path):
         "--eval-only",
         "--panoptic-dataset",
         "crm_e2e_sample",
-        str(sample / "input_images"),
-        str(sample / "panoptic_examples"),
-        str(sample / "panoptic_examples.json"),
+        str(panoptic_sample / "input_images"),
+        str(panoptic_sample / "panoptic_examples"),
+        str(panoptic_sample / "panoptic_examples.json"),
         "MODEL.WEIGHTS",
         "",
         "MODEL.DEVICE",
