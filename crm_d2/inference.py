@@ -31,6 +31,7 @@ __all__ = [
     "normalize_mask",
     "prepare_inputs",
     "reflect_pad",
+    "scales_for_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class CRMRefiner:
         *,
         scales: Sequence[float] = DEFAULT_SCALES,
         chunk_size: int = DEFAULT_CHUNK,
+        min_side: int | None = None,
         metadata: dict | None = None,
     ) -> None:
         self.device = torch.device(device)
@@ -186,6 +188,9 @@ class CRMRefiner:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = int(chunk_size)
+        if min_side is not None and int(min_side) < 1:
+            raise ValueError(f"min_side must be >= 1 or None, got {min_side}")
+        self.min_side = None if min_side is None else int(min_side)
         self.metadata = dict(metadata or {})
 
     @property
@@ -202,8 +207,8 @@ class CRMRefiner:
         dict, and the project's checkpoint format; see :mod:`crm_d2.checkpoint` for the errors
         raised on bad files. ``path=None`` loads the weights shipped with crm_d2
         (:func:`crm_d2.weights.default_weights_path`). ``kwargs`` go to the constructor
-        (``scales``, ``chunk_size``); the scales stored in a project checkpoint are used when none
-        are given.
+        (``scales``, ``chunk_size``, ``min_side``); the scales (and ``min_side``) stored in a
+        project checkpoint are used when none are given.
         """
         from .checkpoint import CheckpointError, load_crm
         from .weights import default_weights_path
@@ -221,6 +226,8 @@ class CRMRefiner:
             kwargs.pop("scales", None)
             if meta.get("scales"):
                 kwargs["scales"] = tuple(meta["scales"])
+        if kwargs.get("min_side") is None and meta.get("min_side"):
+            kwargs["min_side"] = int(meta["min_side"])
         return cls(model, device, metadata=meta, **kwargs)
 
     # ---------------------------------------------------------------- numpy entry point
@@ -286,6 +293,7 @@ class CRMRefiner:
         seg = reflect_pad(mask.to(self.device, torch.float32))
         image = reflect_pad(image)
         bsz, _, hp, wp = seg.shape
+        scales = scales_for_size(scales, (hp, wp), self.min_side)
         if exact:
             # the authors' way: flat query list in chunks, generic decoder
             rows, cols = make_coord_axes((hp, wp), device=self.device)
@@ -321,6 +329,22 @@ class CRMRefiner:
             prob[empty] = 0
             seg = (prob - 0.5) * 2
         return prob[:, 0, PAD:-PAD, PAD:-PAD]
+
+
+def scales_for_size(
+    scales: Sequence[float], size: tuple[int, int], min_side: int | None
+) -> tuple[float, ...]:
+    """The scales of the schedule worth running on a (padded) input of ``size``.
+
+    CRM is weak when its encoder input is tiny (a 150-px ROI at 1/8 is 19 px, smaller than
+    anything it was trained on): scales whose encoder input would have a shorter side than
+    ``min_side`` are dropped. The largest scale always runs. ``min_side=None`` keeps all.
+    """
+    scales = tuple(scales)
+    if min_side is None:
+        return scales
+    keep = tuple(s for s in scales if round(min(size) * s) >= min_side)
+    return keep or (max(scales),)
 
 
 def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:

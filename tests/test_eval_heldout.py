@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from crm_d2 import CRMArch, CRMNet, CRMRefiner
+from crm_d2.coarse import parse_kinds
+from crm_d2.guided_filter import GuidedFilterRefiner
 
 TOOL = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "eval_crm_heldout.py"))
 
@@ -30,22 +32,31 @@ class _Source:
         return self.items[i]
 
 
-def test_evaluate_reports_every_coarse_kind():
+def test_evaluate_reports_every_kind_and_refiner():
     torch.manual_seed(0)
     net = CRMNet(CRMArch(block="basic", layers=(1, 1, 1, 1), width=8, feat_dim=16,
                          mlp_hidden=(8,), with_layer4=False))
-    result = TOOL["evaluate"](CRMRefiner(net), [("a", _Source(2)), ("b", _Source(1))])
-    for kind in ("perturb", "lowres8", "lowres8_binary"):
-        s = result["all"][kind]
-        assert s["num_objects"] == 3
-        assert 0 <= s["coarse_iou"] <= 1 and 0 <= s["iou"] <= 1
-        assert 0 <= s["worse_fraction"] <= 1
-        assert result["by_source"]["a"][kind]["num_objects"] == 2
+    refiners = {"crm": CRMRefiner(net), "guided": GuidedFilterRefiner()}
+    kinds = parse_kinds("perturb+stride8+stride8_binary+maskrcnn")
+    result = TOOL["evaluate"](refiners, [("a", _Source(2)), ("b", _Source(1))], kinds)
+    assert result["refiners"] == ["coarse", "crm", "guided"]
+    for kind in ("perturb", "stride8", "stride8_binary", "maskrcnn"):
+        for r in ("coarse", "crm", "guided"):
+            s = result["all"][kind][r]
+            assert s["num_objects"] == 3
+            assert 0 <= s["coarse_iou"] <= 1 and 0 <= s["iou"] <= 1
+            assert 0 <= s["worse_fraction"] <= 1
+            assert result["by_source"]["a"][kind][r]["num_objects"] == 2
+        # the "coarse" refiner is the input itself: nothing changes
+        c = result["all"][kind]["coarse"]
+        assert c["iou"] == c["coarse_iou"] and c["worse_fraction"] == 0
+        # every refiner saw the same coarse masks
+        assert result["all"][kind]["crm"]["coarse_iou"] == c["coarse_iou"]
     # the low-res coarse mask of a big rectangle is close to it: IoU before is high
-    assert result["all"]["lowres8"]["coarse_iou"] > 0.8
-    # soft and binary low-res masks threshold to the same coarse mask: same "before" numbers
-    soft, hard = result["all"]["lowres8"], result["all"]["lowres8_binary"]
+    assert result["all"]["stride8"]["coarse"]["coarse_iou"] > 0.8
+    # soft and binary stride-8 masks threshold to the same coarse mask: same "before" numbers
+    soft, hard = result["all"]["stride8"]["coarse"], result["all"]["stride8_binary"]["coarse"]
     assert soft["coarse_iou"] == hard["coarse_iou"] and soft["coarse_mba"] == hard["coarse_mba"]
     table = TOOL["to_markdown"](result)
-    assert "**perturb, all**" in table and "lowres8, b" in table
-    assert "**lowres8_binary, all**" in table
+    assert "| **perturb** | **all** | coarse | 3 |" in table
+    assert "| stride8_binary | b | guided | 1 |" in table

@@ -19,6 +19,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from crm_d2.cli import eval as cli
+from crm_d2.coarse import render_stride
 from crm_d2.evaluation import BinaryMetrics, coco_mask_ap, pq_compute
 from crm_d2.evaluation.binary import iou
 from crm_d2.evaluation.panoptic import boundary_pq, read_panoptic_png, write_panoptic_png
@@ -30,7 +31,6 @@ from crm_d2.tool.as_panoptic import combine_instances, paint_by_area
 from crm_d2.tool.coarse import paint_soft_segments
 from crm_d2.tool.datasets import decode_segmentation
 from crm_d2.tool.matching import match_instances, match_panoptic
-from crm_d2.training.perturb import lowres_perturb
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TINY_ARCH
@@ -172,11 +172,11 @@ def close(a, b) -> bool:
 # Building blocks
 # --------------------------------------------------------------------------------------------
 def test_coarse_spec_parse_and_determinism():
-    assert CoarseSpec.parse("lowres:8").k == 8
+    assert CoarseSpec.parse("stride8").kind.k == 8
     spec = CoarseSpec.parse("perturb:0.6-0.9", seed=3)
-    assert (spec.iou_low, spec.iou_high, spec.seed) == (0.6, 0.9, 3)
-    for bad in ("lowres", "lowres:x", "lowres:1", "perturb:0.9", "perturb:0.9-0.5", "blur:3"):
-        with pytest.raises(ValueError, match="lowres:K"):
+    assert (spec.kind.iou_range, spec.seed) == ((0.6, 0.9), 3)
+    for bad in ("stride", "stride:x", "stride1", "perturb:0.9", "perturb:0.9-0.5", "blur:3"):
+        with pytest.raises(ValueError, match="stride<K>"):
             CoarseSpec.parse(bad)
     gt = np.zeros((60, 70), bool)
     gt[10:50, 15:60] = True
@@ -184,8 +184,8 @@ def test_coarse_spec_parse_and_determinism():
     a = CoarseSpec.parse("perturb", seed=1).render(gt, (7, 2))
     assert np.array_equal(a, CoarseSpec.parse("perturb", seed=1).render(gt, (7, 2)))
     assert not np.array_equal(a, CoarseSpec.parse("perturb", seed=1).render(gt, (7, 3)))
-    low = CoarseSpec.parse("lowres:4").render(gt, (0, 0))
-    assert np.array_equal(low, lowres_perturb(gt.astype(np.uint8) * 255, 4))
+    low = CoarseSpec.parse("stride4").render(gt, (0, 0))
+    assert np.array_equal(low, render_stride(gt.astype(np.uint8) * 255, 4))
 
 
 def test_paint_rules_put_small_objects_on_top():
@@ -389,7 +389,7 @@ def test_errors_name_the_missing_option(tmp_path, monkeypatch):
         str(tmp_path / "data/images"),
     ]
     with pytest.raises(SystemExit, match="--weights PATH.*--random-weights"):
-        cli.main([*base, "--coarse-from-gt", "lowres:8"])
+        cli.main([*base, "--coarse-from-gt", "stride8"])
     with pytest.raises(SystemExit, match="--predictions RESULTS.json or --coarse-from-gt"):
         cli.main([*base, "--random-weights", "tiny"])
     with pytest.raises(SystemExit, match="--soft-coarse needs"):
@@ -425,7 +425,7 @@ def test_random_weights_are_flagged_loudly(tmp_path, capsys):
 # Coarse from ground truth on real COCO images
 # --------------------------------------------------------------------------------------------
 @pytest.mark.shared_data
-def test_coco_tiny_coarse_from_gt_lowres(shared_data, tmp_path, weights, monkeypatch):
+def test_coco_tiny_coarse_from_gt_stride(shared_data, tmp_path, weights, monkeypatch):
     from crm_d2.tool import refine as refine_module
 
     real, soft_seen = refine_module.refine_segments, []
@@ -448,7 +448,7 @@ def test_coco_tiny_coarse_from_gt_lowres(shared_data, tmp_path, weights, monkeyp
             "--images",
             str(root / "train2017"),
             "--coarse-from-gt",
-            "lowres:8",
+            "stride8",
             "--soft-coarse",
             "--limit",
             "3",
@@ -471,7 +471,7 @@ def test_coco_tiny_coarse_from_gt_lowres(shared_data, tmp_path, weights, monkeyp
         mine = [c for c in coarse if c["image_id"] == info["id"]]
         kept = []
         for a in anns:
-            soft = lowres_perturb(
+            soft = render_stride(
                 decode_segmentation(a["segmentation"], *hw).astype(np.uint8) * 255, 8
             )
             if (soft >= 128).any():
@@ -483,7 +483,7 @@ def test_coco_tiny_coarse_from_gt_lowres(shared_data, tmp_path, weights, monkeyp
             n_checked += 1
         expected += len(kept)
     assert rep["segments"] == rep["objects"]["count"] == expected == n_checked > 0
-    assert rep["images"] == 3 and rep["coarse"].startswith("lowres:8")
+    assert rep["images"] == 3 and rep["coarse"].startswith("stride8")
     assert 0.5 < rep["objects"]["before"]["mean_iou"] < 1.0
     assert rep["before"]["segm/AP"] < 100
     assert soft_seen and all(soft_seen)  # --soft-coarse: CRM saw the upsampled soft maps
@@ -750,7 +750,7 @@ def test_two_gloo_processes_match_one(tmp_path, weights):
 
 
 @pytest.mark.shared_data
-def test_panoptic_perfect_refiner_from_lowres_coarse(shared_data, tmp_path, weights, monkeypatch):
+def test_panoptic_perfect_refiner_from_stride_coarse(shared_data, tmp_path, weights, monkeypatch):
     """Coarse panoptic maps from the ground truth at 1/16, refined by an oracle that answers
     each segment's ground truth: every segment still present in the coarse map must get back
     exactly its ground-truth pixels (segments that vanished at 1/16 cannot come back)."""
@@ -775,7 +775,7 @@ def test_panoptic_perfect_refiner_from_lowres_coarse(shared_data, tmp_path, weig
         ["--weights", weights, "--output", str(out), "--coco-panoptic",
          str(sample / "panoptic_examples.json"), "--panoptic-dir",
          str(sample / "panoptic_examples"), "--images", str(sample / "input_images"),
-         "--coarse-from-gt", "lowres:16", "--min-area", "0", "--overlays", "0", "--quiet"]
+         "--coarse-from-gt", "stride16", "--min-area", "0", "--overlays", "0", "--quiet"]
     )  # fmt: skip
     rep = read_report(out)
     refined = json.loads((out / "refined_panoptic.json").read_text())

@@ -29,12 +29,12 @@ def test_format_and_metadata(refiner):
     assert refiner.model.feats.conv1.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind, margin", [("perturb", 0.01), ("lowres8", 0.0)])
+@pytest.mark.parametrize("kind, margin", [("perturb", 0.01), ("stride8", 0.0)])
 def test_improves_coarse_masks_on_held_out_ecssd(refiner, shared_data, kind, margin):
     """Pooled IoU over 8 held-out ECSSD images (never trained on) must go up, for the paper's
     perturbation (by more than a point) and for the soft 1/8 rendering."""
+    from crm_d2.coarse import CoarseKind
     from crm_d2.evaluation.binary import PooledIoU
-    from crm_d2.training.perturb import lowres_perturb, perturb_mask, random_iou_target
     from crm_d2.training.sources import build_source
 
     _, _, held_out = build_source(f"folder:{shared_data / 'ecssd'}", 0.05, 0)
@@ -43,10 +43,7 @@ def test_improves_coarse_masks_on_held_out_ecssd(refiner, shared_data, kind, mar
         image, mask, _ = held_out.load(k)
         fg = np.where(mask > 127, 255, 0).astype(np.uint8)
         rng = np.random.default_rng([0, k, 0])
-        if kind == "perturb":
-            coarse = perturb_mask(fg, random_iou_target(rng), rng)
-        else:
-            coarse = lowres_perturb(fg, 8)
+        coarse = CoarseKind.parse(kind).render(fg, rng)
         before.update(coarse >= 128, fg > 127)
         after.update(refiner.refine(image, coarse) > 0.5, fg > 127)
     assert after.pooled > before.pooled + margin, (before.pooled, after.pooled)

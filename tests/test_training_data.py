@@ -13,24 +13,23 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from crm_d2.training.datasets import (
-    CocoObjectPairs,
-    CRMTrainDataset,
-    list_image_mask_pairs,
-    load_mask,
-    parse_perturb,
-    sample_name,
-    split_pairs,
-)
-from crm_d2.training.losses import crm_loss, sobel_magnitude
-from crm_d2.training.perturb import (
+from crm_d2.coarse import CoarseKind, render_stride
+from crm_d2.coarse.perturb import (
     binary_iou,
-    lowres_perturb,
     perturb_mask,
     random_iou_target,
     random_region_edits,
     simplify_contours,
 )
+from crm_d2.training.datasets import (
+    CocoObjectPairs,
+    CRMTrainDataset,
+    list_image_mask_pairs,
+    load_mask,
+    sample_name,
+    split_pairs,
+)
+from crm_d2.training.losses import crm_loss, sobel_magnitude
 from crm_d2.training.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -231,71 +230,6 @@ def test_perturb_mask_validation():
         perturb_mask(_circle(), 1.5, rng)
 
 
-def test_lowres_known_answer():
-    gt = np.zeros((64, 64), np.uint8)
-    gt[:32, :32] = 255
-    out = lowres_perturb(gt, 32)  # 2x2 area map [[255, 0], [0, 0]]
-    assert out.shape == gt.shape and out.dtype == np.uint8
-    assert out[0, 0] == 255 and out[63, 63] == 0
-    # Column 31: source position (31 + 0.5) / 32 - 0.5 = 0.484375 between small pixels 0 and 1;
-    # row 0 clamps to small row 0 -> 255 * (1 - 0.484375) = 131.48 -> 131.
-    assert out[0, 31] == 131
-    assert np.array_equal(lowres_perturb(gt, 1), gt)
-    # Area averaging (not subsampling): a 1 px line becomes a 255/4 plateau at k = 4.
-    line = np.zeros((8, 8), np.uint8)
-    line[:, 1] = 255
-    assert (lowres_perturb(line, 4)[:, 0] == 64).all()
-
-
-def test_lowres_binary_is_the_thresholded_soft_map():
-    for gt in _shapes():
-        for k in (4, 8, 16):
-            soft = lowres_perturb(gt, k)
-            hard = lowres_perturb(gt, k, binary=True)
-            assert hard.dtype == np.uint8 and set(np.unique(hard)) <= {0, 255}
-            assert np.array_equal(hard > 0, soft >= 128)
-    # the corner of a square is rounded off: a blocky 1/8 map, not a copy of the input
-    gt = np.zeros((64, 64), np.uint8)
-    gt[8:40, 8:40] = 255
-    hard = lowres_perturb(gt, 8, binary=True)
-    assert hard[20, 20] == 255 and hard[60, 60] == 0 and not np.array_equal(hard, gt)
-    # binary output of a soft input (k = 1) is its threshold
-    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (4, 1))
-    assert np.array_equal(lowres_perturb(ramp, 1, binary=True) > 0, ramp >= 128)
-
-
-def test_parse_perturb():
-    assert parse_perturb("contour") == ("contour",)
-    assert parse_perturb("mixed") == ("contour", "lowres")
-    assert parse_perturb("contour+lowres+lowres_binary") == ("contour", "lowres", "lowres_binary")
-    for bad in ("blur", "contour+", "contour+contour", "lowres+Mixed", ""):
-        with pytest.raises(ValueError, match="bad perturbation"):
-            parse_perturb(bad)
-
-
-def test_lowres_range_and_iou_decreasing_with_k():
-    shapes = _shapes()
-    mean_iou = []
-    for k in (1, 2, 4, 8, 16):
-        ious = []
-        for gt in shapes:
-            out = lowres_perturb(gt, k)
-            assert out.shape == gt.shape and out.dtype == np.uint8
-            if k > 1:
-                soft = (out > 0) & (out < 255)
-                assert soft.any()  # soft edges
-            ious.append(binary_iou(out > 127, gt))
-        mean_iou.append(np.mean(ious))
-    assert mean_iou[0] == pytest.approx(1.0)
-    assert all(a > b for a, b in zip(mean_iou, mean_iou[1:], strict=False))
-    # Odd sizes work too (ceil(H / k) low-resolution grid).
-    assert lowres_perturb(_circle(101, 77, (40, 50), 30), 8).shape == (101, 77)
-    with pytest.raises(ValueError):
-        lowres_perturb(_circle(), 0)
-    with pytest.raises(ValueError):
-        lowres_perturb(_circle(), 2.5)
-
-
 # ============================================================================ transforms
 
 
@@ -352,9 +286,9 @@ def test_random_rescale():
 def test_train_dataset_scale_range(tmp_path):
     """With scale_range the object shrinks in the crop; (1, 1) leaves the samples untouched."""
     pairs = _make_tiny_dataset(tmp_path, 2)
-    plain = CRMTrainDataset(pairs, 160, "contour", seed=2)
-    same = CRMTrainDataset(pairs, 160, "contour", seed=2, scale_range=(1.0, 1.0))
-    shrunk = CRMTrainDataset(pairs, 160, "contour", seed=2, scale_range=(0.3, 0.3))
+    plain = CRMTrainDataset(pairs, 160, "perturb", seed=2)
+    same = CRMTrainDataset(pairs, 160, "perturb", seed=2, scale_range=(1.0, 1.0))
+    shrunk = CRMTrainDataset(pairs, 160, "perturb", seed=2, scale_range=(0.3, 0.3))
     for i in range(2):
         assert torch.equal(plain[i]["gt"], same[i]["gt"])
         assert torch.equal(plain[i]["coarse"], same[i]["coarse"])
@@ -583,10 +517,10 @@ def _make_tiny_dataset(root: Path, n: int = 4) -> list[tuple[str, str]]:
     return list_image_mask_pairs(root)
 
 
-@pytest.mark.parametrize("mode", ["contour", "lowres", "mixed"])
+@pytest.mark.parametrize("mode", ["perturb", "stride8", "perturb+stride8_binary+maskrcnn*2"])
 def test_train_dataset_samples(tmp_path, mode):
     pairs = _make_tiny_dataset(tmp_path)
-    ds = CRMTrainDataset(pairs, crop_size=224, perturb=mode, seed=3)
+    ds = CRMTrainDataset(pairs, crop_size=224, coarse=mode, seed=3)
     assert len(ds) == 4
     for idx in range(len(ds)):
         s = ds[idx]
@@ -604,65 +538,70 @@ def test_train_dataset_samples(tmp_path, mode):
         again["image"], ds[1]["image"]
     )
     ds.set_epoch(1)
-    assert not torch.equal(again["coarse"], ds[1]["coarse"])
+    if mode != "stride8":  # deterministic kinds give the same mask for the same crop
+        assert not torch.equal(again["coarse"], ds[1]["coarse"])
 
 
 def test_train_dataset_validation_mode(tmp_path):
     pairs = _make_tiny_dataset(tmp_path, 2)
-    ds = CRMTrainDataset(pairs, perturb="lowres", lowres_factors=(8,), augment=False, seed=0)
+    ds = CRMTrainDataset(pairs, coarse="stride8", augment=False, seed=0)
     s = ds[0]
     mask = load_mask(pairs[0][1])
     image = np.asarray(Image.open(pairs[0][0]).convert("RGB"))
     gt = center_crop_with_pad(mask, 224)
     assert torch.equal(s["gt"], gt_to_tensor(gt))
     assert torch.equal(s["image"], image_to_tensor(center_crop_with_pad(image, 224)))
-    assert torch.equal(s["coarse"], mask_to_tensor(lowres_perturb(gt, 8)))
+    assert torch.equal(s["coarse"], mask_to_tensor(render_stride(gt, 8)))
     ds.set_epoch(7)
     assert torch.equal(ds[0]["coarse"], s["coarse"])
-    with pytest.raises(ValueError, match="perturb"):
-        CRMTrainDataset(pairs, perturb="blur")
+    with pytest.raises(ValueError, match="coarse kind"):
+        CRMTrainDataset(pairs, coarse="blur")
+    with pytest.raises(ValueError, match="renamed"):
+        CRMTrainDataset(pairs, coarse="contour")
 
 
-def test_train_dataset_binarises_gt_at_zero_for_the_coarse_mask(tmp_path):
-    """Authors: ``np.array(gt) > 0.5`` on 0..255 values, i.e. any non-zero pixel is foreground."""
+def test_train_dataset_binarises_gt_at_128_for_the_coarse_mask(tmp_path):
+    """Soft masks (DUTS, PASCAL-S) are foreground from 128 on; the target stays soft."""
     image = np.full((40, 50, 3), 120, np.uint8)
-    mask = np.zeros((40, 50), np.uint8)
-    mask[10:30, 10:40] = 60
-    Image.fromarray(image).save(tmp_path / "a.jpg")
-    Image.fromarray(mask).save(tmp_path / "a.png")
-    ds = CRMTrainDataset(
-        list_image_mask_pairs(tmp_path), 32, "lowres", lowres_factors=(1,), augment=False
-    )
-    s = ds[0]
-    crop = center_crop_with_pad(mask, 32)
-    assert torch.equal(s["coarse"], mask_to_tensor(np.where(crop > 0, 255, 0).astype(np.uint8)))
-    assert torch.equal(s["gt"], gt_to_tensor(crop))  # the target stays soft
+    coarse = {}
+    for value in (60, 200, 255):
+        mask = np.zeros((40, 50), np.uint8)
+        mask[10:30, 10:40] = value
+        root = tmp_path / str(value)
+        root.mkdir()
+        Image.fromarray(image).save(root / "a.jpg")
+        Image.fromarray(mask).save(root / "a.png")
+        ds = CRMTrainDataset(list_image_mask_pairs(root), 32, "stride4", augment=False)
+        s = ds[0]
+        assert torch.equal(s["gt"], gt_to_tensor(center_crop_with_pad(mask, 32)))
+        coarse[value] = s["coarse"]
+    assert torch.equal(coarse[200], coarse[255]) and (coarse[255] > 0).any()
+    assert (coarse[60] == -1).all()
 
 
 def test_train_dataset_draws_every_listed_perturbation(tmp_path):
     """``a+b+c``: each kind is drawn for some samples, and each sample's coarse mask is one of
     the kinds' outputs for its crop."""
     pairs = _make_tiny_dataset(tmp_path, 12)
-    ds = CRMTrainDataset(pairs, 160, "contour+lowres+lowres_binary", lowres_factors=(8,),
-                         augment=False, seed=1)
+    ds = CRMTrainDataset(pairs, 160, "perturb+stride8+stride8_binary", augment=False, seed=1)
     seen = set()
     for i in range(len(ds)):
         s = ds[i]
         gt = np.rint(s["gt"][0].numpy() * 255).astype(np.uint8)
-        fg = np.where(gt > 0, 255, 0).astype(np.uint8)
-        if torch.equal(s["coarse"], mask_to_tensor(lowres_perturb(fg, 8, binary=True))):
-            seen.add("lowres_binary")
-        elif torch.equal(s["coarse"], mask_to_tensor(lowres_perturb(fg, 8))):
-            seen.add("lowres")
+        fg = np.where(gt >= 128, 255, 0).astype(np.uint8)
+        if torch.equal(s["coarse"], mask_to_tensor(CoarseKind.parse("stride8_binary").render(fg))):
+            seen.add("stride8_binary")
+        elif torch.equal(s["coarse"], mask_to_tensor(render_stride(fg, 8))):
+            seen.add("stride8")
         else:
             assert set(s["coarse"].unique().tolist()) <= {-1.0, 1.0}
-            seen.add("contour")
-    assert seen == {"contour", "lowres", "lowres_binary"}
+            seen.add("perturb")
+    assert seen == {"perturb", "stride8", "stride8_binary"}
 
 
 def test_train_dataloader_batches(tmp_path):
     pairs = _make_tiny_dataset(tmp_path)
-    ds = CRMTrainDataset(pairs, crop_size=64, perturb="mixed")
+    ds = CRMTrainDataset(pairs, crop_size=64, coarse="perturb+stride8")
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 3, 64, 64) and len(batch["name"]) == 4
 
@@ -699,7 +638,7 @@ def test_coco_object_pairs():
         if y0 > 0 and y1 < info["height"]:
             assert y1 - y0 == pytest.approx(1.25 * bh, abs=2)
 
-    train = CRMTrainDataset(ds, crop_size=96, perturb="contour")
+    train = CRMTrainDataset(ds, crop_size=96, coarse="perturb")
     s = train[0]
     assert s["image"].shape == (3, 96, 96) and s["name"].startswith("coco/")
 

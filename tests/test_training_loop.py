@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from crm_d2.checkpoint import load_crm, save_crm
+from crm_d2.coarse import CoarseKind
 from crm_d2.evaluation.binary import boundary_accuracy
 from crm_d2.inference import CRMRefiner
 from crm_d2.modeling.crm import CRMNet
 from crm_d2.training.datasets import CRMTrainDataset, ImageMaskPairs, list_image_mask_pairs
-from crm_d2.training.perturb import lowres_perturb
 from crm_d2.training.trainer import (
     PRESETS,
     TrainConfig,
@@ -82,7 +82,7 @@ def _config(out: Path, **kw) -> TrainConfig:
 
 
 def _dataset(pairs, seed: int = 0) -> CRMTrainDataset:
-    return CRMTrainDataset(pairs, crop_size=CROP, perturb="mixed", seed=seed)
+    return CRMTrainDataset(pairs, crop_size=CROP, coarse="perturb+stride8", seed=seed)
 
 
 def _events(out: Path, kind: str) -> list[dict]:
@@ -154,7 +154,7 @@ def test_loss_decreases_and_outputs(tmp_path, disc_pairs):
     assert all(0 <= v["iou_after"] <= 1 and "mba_after" in v for v in vals)
     assert [c["iter"] for c in _events(out, "checkpoint")] == [10, 20, 30]
     listed = json.loads((out / "val_samples.json").read_text())
-    assert [v["perturb"] for v in listed] == ["contour", "lowres"]
+    assert [v["coarse"] for v in listed] == ["perturb", "stride8"]
 
     # Final export: half precision, no layer4, the validated scales, a training record.
     assert final == str(out / "model_final.pth")
@@ -268,37 +268,36 @@ def test_init_loads_matching_tensors_only(tmp_path):
 # ============================================================================ validation
 
 
-def test_val_samples_rotate_perturbations(disc_pairs):
+def test_val_samples_rotate_coarse_kinds(disc_pairs):
     source = ImageMaskPairs(disc_pairs)
     a = make_val_samples([source], seed=3, max_per_source=5)
     b = make_val_samples([source], seed=3, max_per_source=5)
-    assert [s.perturb for s in a] == ["contour", "lowres", "lowres_binary", "contour", "lowres"]
+    assert [s.perturb for s in a] == ["perturb", "stride8", "stride8_binary", "maskrcnn",
+                                      "perturb"]
     assert all(np.array_equal(x.coarse, y.coarse) for x, y in zip(a, b))
     for s in a:
-        fg = np.where(s.gt > 127, 255, 0).astype(np.uint8)
-        if s.perturb.startswith("lowres"):
-            binary = s.perturb == "lowres_binary"
-            assert s.detail == 8
-            assert np.array_equal(s.coarse, lowres_perturb(fg, 8, binary=binary))
+        fg = np.where(s.gt >= 128, 255, 0).astype(np.uint8)
+        if s.perturb == "perturb":
+            assert not np.array_equal(s.coarse, fg) and set(np.unique(s.coarse)) <= {0, 255}
         else:
-            assert 0.8 <= s.detail < 1.0 and not np.array_equal(s.coarse, fg)
-    two = make_val_samples([source], seed=3, max_per_source=4, kinds=("contour", "lowres"))
-    assert [s.perturb for s in two] == ["contour", "lowres"] * 2
+            assert np.array_equal(s.coarse, CoarseKind.parse(s.perturb).render(fg))
+    two = make_val_samples([source], seed=3, max_per_source=4, kinds=("perturb", "stride8"))
+    assert [s.perturb for s in two] == ["perturb", "stride8"] * 2
     with pytest.raises(ValueError, match="blur"):
-        make_val_samples([source], kinds=("contour", "blur"))
+        make_val_samples([source], kinds=("perturb", "blur"))
 
 
 def test_validate_scores_against_hand_computation():
     """iou_before / mba_before equal a direct computation; iou_after matches the refiner."""
     rng = np.random.default_rng(0)
     samples = []
-    for i, kind in enumerate(("contour", "lowres", "contour")):
+    for i, kind in enumerate(("perturb", "stride8", "perturb")):
         gt = np.zeros((30, 36), np.uint8)
         gt[5 + i : 20, 8 : 25 + i] = 255
         coarse = np.zeros_like(gt)
         coarse[7:22, 6 + i : 24] = 255
         image = rng.integers(0, 256, (30, 36, 3)).astype(np.uint8)
-        samples.append(ValSample(image, gt, coarse, f"s{i}", kind, 0.9))
+        samples.append(ValSample(image, gt, coarse, f"s{i}", kind))
     torch.manual_seed(0)
     model = CRMNet(PRESETS["tiny"]).eval()
     res = validate(model, samples, "cpu", scales=(1.0,))
@@ -317,7 +316,7 @@ def test_validate_scores_against_hand_computation():
     inter = sum(int((p & b).sum()) for p, b in zip(preds, g))
     union = sum(int((p | b).sum()) for p, b in zip(preds, g))
     assert res["iou_after"] == pytest.approx(1.0 if union == 0 else inter / union)
-    assert res["num_samples_contour"] == 2 and res["num_samples_lowres"] == 1
+    assert res["num_samples_perturb"] == 2 and res["num_samples_stride8"] == 1
     assert res["iou_gain"] == pytest.approx(res["iou_after"] - res["iou_before"])
     # The model given to validate() is not frozen or moved by it.
     assert all(p.requires_grad for p in model.parameters())
@@ -341,13 +340,14 @@ def test_cli_help_runs_without_detectron2():
     assert "--data KIND:PATH" in res.stdout and "--resume" in res.stdout
 
 
-def test_cli_rejects_bad_perturbation_and_scale_range():
+def test_cli_rejects_bad_coarse_and_scale_range():
     tool = runpy.run_path(str(REPO_ROOT / "tools" / "train_crm.py"), run_name="train_crm")
     parser = tool["build_parser"]()
-    args = parser.parse_args(["--data", "folder:/x", "--perturb", "contour+lowres_binary",
+    args = parser.parse_args(["--data", "folder:/x", "--coarse", "perturb+stride8_binary*2",
                               "--scale-range", "0.25,1"])
-    assert args.perturb == "contour+lowres_binary" and args.scale_range == (0.25, 1.0)
-    for bad in (["--perturb", "blur"], ["--scale-range", "1,0.5"], ["--scale-range", "0.5"]):
+    assert args.coarse == "perturb+stride8_binary*2" and args.scale_range == (0.25, 1.0)
+    for bad in (["--coarse", "blur"], ["--coarse", "contour"], ["--scale-range", "1,0.5"],
+                ["--scale-range", "0.5"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["--data", "folder:/x", *bad])
 
@@ -388,8 +388,8 @@ def test_ddp_two_process_gloo_smoke(tmp_path):
         "0.25",
         "--val-scales",
         "1",
-        "--perturb",
-        "contour+lowres_binary",
+        "--coarse",
+        "perturb+stride8_binary",
         "--scale-range",
         "0.5,1",
         "--num-workers",
@@ -414,7 +414,7 @@ def test_ddp_two_process_gloo_smoke(tmp_path):
     model, meta = load_crm(str(out / "model_final.pth"))
     assert meta["training"]["hardware"]["world_size"] == 2
     described = meta["training"]["datasets"][0]
-    assert described["perturb"] == "contour+lowres_binary"
+    assert described["coarse"] == "perturb+stride8_binary"
     assert described["scale_range"] == [0.5, 1.0]
     ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert len(ckpt["train_state"]["rng"]) == 2

@@ -1,28 +1,27 @@
 #!/usr/bin/env python3
-"""Measure a CRM checkpoint on the images that ``tools/train_crm.py`` held out.
+"""Measure refiners side by side on the images that ``tools/train_crm.py`` held out.
 
 Pass the same ``--data`` specs, ``--val-fraction`` and ``--seed`` as the training run: the split
-is a deterministic hash, so exactly the held-out images are evaluated. Every held-out object is
-given three coarse masks:
+is a deterministic hash, so exactly the held-out images are evaluated. Every held-out object gets
+one coarse mask of each ``--coarse`` kind (see :mod:`crm_d2.coarse`; random kinds are seeded per
+object and kind), and every ``--refiner`` refines the same coarse masks:
 
-* ``perturb``: the paper's training perturbation (contour cut + vertex subsampling + random
-  rectangle edits) at an IoU target drawn uniformly in [0.8, 1.0) (seeded per object);
-* ``lowres8``: the ground truth rendered at 1/8 resolution (area average) and upsampled
-  bilinearly, i.e. what a stride-8 network gives; CRM receives the soft map, the "before"
-  numbers use it thresholded at 0.5;
-* ``lowres8_binary``: the same map thresholded at 0.5 and given to CRM as a 0/255 mask, which
-  is what detectron2 models return (same "before" numbers as ``lowres8``).
+* ``--refiner NAME=guided_filter`` (or ``guided_filter:R,EPS``): the training-free baseline;
+* ``--refiner NAME=PATH``: CRM weights (the shipped file, the official ``model_45705``, a
+  training run's ``model_final.pth`` ...).
 
-For each kind it reports, before and after refinement: pooled IoU, mean IoU, mBA (CascadePSP's
-definition) and Boundary IoU, plus the share of objects whose IoU got worse. Writes
-``heldout_eval.json`` and ``heldout_eval.md`` to ``--output``.
+For each kind, source and refiner it reports pooled IoU, mean IoU, mBA (CascadePSP's definition)
+and Boundary IoU before -> after, and the share of objects whose IoU got worse; the "coarse" row
+is the input itself. Writes ``heldout_eval.json`` and ``heldout_eval.md`` to ``--output``.
 
-Example::
+Example (the model card's table)::
 
-    python tools/eval_crm_heldout.py --weights crm_d2/weights/crm_d2_lite.pth \\
+    python tools/eval_crm_heldout.py --output /tmp/heldout \\
+        --refiner guided=guided_filter --refiner new=crm_d2/weights/crm_d2_lite.pth \\
+        --data folder:DATA/duts_te --data folder:DATA/pascal_s \\
         --data folder:../shared/data/ecssd --data davis:../shared/data/davis \\
         --data coco:../shared/data/coco_tiny/annotations/instances_train2017.json:\\
-../shared/data/coco_tiny/train2017 --output output/heldout
+../shared/data/coco_tiny/train2017
 """
 
 from __future__ import annotations
@@ -39,108 +38,163 @@ import numpy as np
 from tqdm import tqdm
 
 from crm_d2 import CRMRefiner
+from crm_d2.coarse import CoarseKind, parse_kinds
 from crm_d2.evaluation.binary import BinaryMetrics
-from crm_d2.training.perturb import lowres_perturb, perturb_mask, random_iou_target
+from crm_d2.guided_filter import GuidedFilterRefiner
 from crm_d2.training.sources import build_source
 
 logger = logging.getLogger("eval_crm_heldout")
 
-KINDS = ("perturb", "lowres8", "lowres8_binary")
+DEFAULT_KINDS = "perturb+stride8+stride8_binary+maskrcnn"
 COLUMNS = ("iou", "mean_iou", "mba", "boundary_iou")
 
 
-def coarse_mask(fg: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """(H, W) 0/255 ground truth -> (H, W) uint8 coarse mask of the given kind."""
-    if kind == "perturb":
-        return perturb_mask(fg, random_iou_target(rng), rng)
-    if kind == "lowres8":
-        return lowres_perturb(fg, 8)
-    if kind == "lowres8_binary":
-        return lowres_perturb(fg, 8, binary=True)
-    raise ValueError(f"unknown coarse kind {kind!r}")
+def build_refiner(spec: str, device: str, scales: Sequence[float] | None,
+                  min_side: int | None):
+    """``guided_filter[:R,EPS]`` or a CRM checkpoint path -> a refiner."""
+    if spec.startswith("guided_filter"):
+        _, _, args = spec.partition(":")
+        if args:
+            radius, eps = args.split(",")
+            return GuidedFilterRefiner(int(radius), float(eps), device=device)
+        return GuidedFilterRefiner(device=device)
+    kwargs = {} if min_side is None else {"min_side": min_side}
+    return CRMRefiner.from_checkpoint(spec, device, scales=scales, **kwargs)
 
 
-def evaluate(refiner: CRMRefiner, sources, seed: int = 0, limit: int | None = None) -> dict:
-    """Refine every held-out object with both coarse kinds; returns the metrics dict."""
-    metrics = {(src, kind): BinaryMetrics() for src, _ in sources for kind in KINDS}
-    items = [(name, src, i) for name, src in sources for i in range(len(src))]
-    if limit:
-        items = items[:limit]
+def evaluate(refiners: dict, sources, kinds: Sequence[CoarseKind], seed: int = 0,
+             max_per_source: int | None = None) -> dict:
+    """Refine every held-out object with every kind and refiner; returns the metrics dict."""
+    names = ["coarse", *refiners]
+    metrics = {(src, kind.name, r): BinaryMetrics()
+               for src, _ in sources for kind in kinds for r in names}
+    items = []
+    for name, src in sources:
+        idx = list(range(len(src)))
+        if max_per_source is not None and len(idx) > max_per_source:
+            idx = np.unique(np.linspace(0, len(idx) - 1, max_per_source).round().astype(int))
+        items += [(name, src, int(i)) for i in idx]
+    seconds = dict.fromkeys(refiners, 0.0)
     start = time.perf_counter()
     for k, (name, src, i) in enumerate(tqdm(items, desc="held-out", unit="img")):
         image, mask, _ = src.load(i)
-        fg = np.where(mask > 127, 255, 0).astype(np.uint8)
+        fg = np.where(mask >= 128, 255, 0).astype(np.uint8)
         if not fg.any():
             continue
-        for kind in KINDS:
-            rng = np.random.default_rng([seed, k, KINDS.index(kind)])
-            coarse = coarse_mask(fg, kind, rng)
-            prob = refiner.refine(image, coarse)
-            metrics[(name, kind)].update(prob > 0.5, fg > 127, coarse >= 128)
-    seconds = time.perf_counter() - start
-    out: dict = {"seconds": seconds, "images": len(items), "by_source": {}, "all": {}}
-    for kind in KINDS:
-        pooled = BinaryMetrics()
-        for name, _ in sources:
-            m = metrics[(name, kind)]
-            out["by_source"].setdefault(name, {})[kind] = m.summary() if len(m) else {}
-            pooled.coarse += m.coarse
-            pooled.refined += m.refined
-        out["all"][kind] = pooled.summary() if len(pooled) else {}
+        gt = fg > 127
+        for ki, kind in enumerate(kinds):
+            coarse = kind.render(fg, np.random.default_rng([seed, k, ki]))
+            coarse_bin = coarse >= 128
+            metrics[(name, kind.name, "coarse")].update(coarse_bin, gt, coarse_bin)
+            for rname, refiner in refiners.items():
+                t = time.perf_counter()
+                prob = refiner.refine(image, coarse)
+                seconds[rname] += time.perf_counter() - t
+                metrics[(name, kind.name, rname)].update(prob > 0.5, gt, coarse_bin)
+    out: dict = {"seconds": time.perf_counter() - start, "refiner_seconds": seconds,
+                 "images": len(items), "refiners": names, "kinds": [k.name for k in kinds],
+                 "by_source": {}, "all": {}}
+    for kind in kinds:
+        for r in names:
+            pooled = BinaryMetrics()
+            for name, _ in sources:
+                m = metrics[(name, kind.name, r)]
+                out["by_source"].setdefault(name, {}).setdefault(kind.name, {})[r] = (
+                    m.summary() if len(m) else {})
+                pooled.coarse += m.coarse
+                pooled.refined += m.refined
+            out["all"].setdefault(kind.name, {})[r] = pooled.summary() if len(pooled) else {}
     return out
 
 
 def to_markdown(result: dict) -> str:
-    lines = ["| coarse masks | objects | IoU before -> after | mean IoU | mBA | Boundary IoU "
-             "| worse |", "|---|---|---|---|---|---|---|"]
+    """One table: rows = (kind, source, refiner), columns = the metrics before -> after."""
+    lines = ["| coarse kind | source | refiner | objects | IoU | mean IoU | mBA | Boundary IoU "
+             "| worse |", "|---|---|---|---|---|---|---|---|---|"]
 
-    def row(label: str, s: dict) -> str:
+    def row(kind: str, source: str, refiner: str, s: dict) -> str:
         if not s:
-            return f"| {label} | 0 | | | | | |"
-        cells = [f"{100 * s['coarse_' + c]:.2f} -> {100 * s[c]:.2f}" for c in COLUMNS]
-        return (f"| {label} | {int(s['num_objects'])} | " + " | ".join(cells)
-                + f" | {100 * s['worse_fraction']:.1f}% |")
+            return f"| {kind} | {source} | {refiner} | 0 | | | | | |"
+        if refiner == "coarse":
+            cells = [f"{100 * s['coarse_' + c]:.2f}" for c in COLUMNS]
+            worse = ""
+        else:
+            cells = [f"{100 * s[c]:.2f} ({100 * (s[c] - s['coarse_' + c]):+.2f})"
+                     for c in COLUMNS]
+            worse = f"{100 * s['worse_fraction']:.1f}%"
+        return (f"| {kind} | {source} | {refiner} | {int(s['num_objects'])} | "
+                + " | ".join(cells) + f" | {worse} |")
 
-    for kind in KINDS:
-        lines.append(row(f"**{kind}, all**", result["all"][kind]))
-        for name, by_kind in result["by_source"].items():
-            lines.append(row(f"{kind}, {name}", by_kind[kind]))
+    for kind in result["kinds"]:
+        for r in result["refiners"]:
+            lines.append(row(f"**{kind}**", "**all**", r, result["all"][kind][r]))
+        for source, by_kind in result["by_source"].items():
+            for r in result["refiners"]:
+                lines.append(row(kind, source, r, by_kind[kind][r]))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", required=True, help="CRM checkpoint to evaluate")
+    ap.add_argument("--refiner", action="append", metavar="NAME=SPEC",
+                    help="a refiner to measure, repeatable: NAME=guided_filter[:R,EPS] or "
+                    "NAME=CRM_CHECKPOINT (default: guided=guided_filter and "
+                    "shipped=the shipped weights)")
+    ap.add_argument("--weights", default=None,
+                    help="shorthand for --refiner crm=WEIGHTS (kept for old commands)")
     ap.add_argument("--data", action="append", required=True, metavar="KIND:PATH",
                     help="the training run's --data specs (repeatable)")
+    ap.add_argument("--coarse", default=DEFAULT_KINDS,
+                    help="coarse kinds joined by '+' (see crm_d2.coarse)")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0, help="the training run's split seed")
+    ap.add_argument("--max-per-source", type=int, default=None,
+                    help="at most N held-out images per source, evenly spaced")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--scales", type=float, nargs="+", default=None,
-                    help="refinement scales (default: the ones stored in the checkpoint)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    ap.add_argument("--output", default="output/heldout_eval")
+                    help="CRM refinement scales (default: the ones stored in each checkpoint)")
+    ap.add_argument("--min-side", type=int, default=None,
+                    help="CRM: skip scales whose encoder input is shorter than this")
+    ap.add_argument("--output", required=True, help="folder for heldout_eval.json / .md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    specs = list(args.refiner or [])
+    if args.weights:
+        specs.append(f"crm={args.weights}")
+    if not specs:
+        from crm_d2.weights import default_weights_path
+
+        specs = ["guided=guided_filter", f"shipped={default_weights_path()}"]
+    refiners = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name or not value or name == "coarse" or name in refiners:
+            ap.error(f"--refiner {spec!r}: expected a new NAME=SPEC (NAME not 'coarse')")
+        refiners[name] = build_refiner(value, args.device, args.scales, args.min_side)
+    try:
+        kinds = parse_kinds(args.coarse)
+    except ValueError as e:
+        ap.error(str(e))
     sources = []
     for spec in args.data:
         kind, _train, val = build_source(spec, args.val_fraction, args.seed)
         name = f"{kind}:{os.path.basename(spec.split(':')[1].rstrip('/'))}"
         sources.append((name, val))
         logger.info("%s: %d held-out samples", name, len(val))
-    refiner = CRMRefiner.from_checkpoint(args.weights, args.device, scales=args.scales)
-    result = evaluate(refiner, sources, args.seed, args.limit)
-    result.update(weights=os.path.abspath(args.weights), scales=list(refiner.scales),
-                  data=args.data,
-                  val_fraction=args.val_fraction, seed=args.seed)
+    result = evaluate(refiners, sources, kinds, args.seed, args.max_per_source)
+    result.update(refiner_specs=specs, data=args.data, val_fraction=args.val_fraction,
+                  seed=args.seed, max_per_source=args.max_per_source,
+                  scales={n: list(r.scales) for n, r in refiners.items()},
+                  min_side=args.min_side)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "heldout_eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     table = to_markdown(result)
     with open(os.path.join(args.output, "heldout_eval.md"), "w") as f:
         f.write(table)
-    logger.info("%d images in %.0f s\n%s", result["images"], result["seconds"], table)
+    logger.info("%d images in %.0f s (%s)\n%s", result["images"], result["seconds"],
+                ", ".join(f"{n} {s:.0f} s" for n, s in result["refiner_seconds"].items()), table)
     return 0
 
 

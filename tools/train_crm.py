@@ -12,9 +12,9 @@ Data sources are repeatable ``--data KIND:PATH`` options:
   split by image, so no image is in both splits.
 
 ``--val-fraction`` of each source is held out (a deterministic hash split); each held-out image
-gets one fixed coarse mask (half by the paper's contour perturbation at a random IoU target, half
-by a 1/8 low-resolution rendering) and the model is validated on them every ``--val-every``
-iterations. Use ``torchrun --nproc_per_node N tools/train_crm.py ...`` for data parallel training.
+gets one fixed coarse mask (``--val-coarse`` kinds in rotation) and the model is validated on
+them every ``--val-every`` iterations. Use ``torchrun --nproc_per_node N tools/train_crm.py ...``
+for data parallel training.
 
 Example (CPU, the light encoder)::
 
@@ -27,13 +27,14 @@ Example (CPU, the light encoder)::
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from crm_d2.training.datasets import PERTURB_KINDS, parse_perturb
+from crm_d2.coarse import CoarseMix
 from crm_d2.training.sources import build_source
 
 logger = logging.getLogger("train_crm")
@@ -54,12 +55,11 @@ def _floats2(text: str) -> tuple[float, float]:
     return values
 
 
-def _perturb(text: str) -> str:
+def _coarse(text: str) -> str:
     try:
-        parse_perturb(text)
+        return CoarseMix.parse(text).name
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate on at most this many held-out images per source",
     )
     g.add_argument(
-        "--perturb",
-        type=_perturb,
-        default="contour",
-        help="coarse masks of the training crops (paper: contour): contour, lowres (soft 1/k "
-        "map), lowres_binary (the 1/k map thresholded, as detectron2 models return), several "
-        "joined by '+' to draw one per sample, or mixed (= contour+lowres)",
+        "--coarse",
+        type=_coarse,
+        default="perturb",
+        help="coarse masks of the training crops (paper: perturb), kinds of crm_d2.coarse "
+        "joined by '+' (one drawn per sample, optional weights kind*W), e.g. "
+        "'perturb+stride8_binary*2+maskrcnn+stride8_t0.4'",
+    )
+    g.add_argument(
+        "--val-coarse",
+        default="perturb+stride8+stride8_binary+maskrcnn",
+        help="coarse kinds of the validation images (one per image, in rotation)",
     )
     g.add_argument(
         "--scale-range",
@@ -103,19 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="random resize of each training image by a factor in [LO, HI] before the crop "
         "(not in the paper; e.g. '0.25,1' to train for the coarse-to-fine scales)",
     )
-    g.add_argument(
-        "--lowres-factors",
-        type=_ints,
-        default=(4, 8, 16),
-        help="1/k factors of the lowres perturbation, e.g. '4,8,16'",
-    )
     g = p.add_argument_group("model and schedule")
     g.add_argument(
         "--preset",
-        choices=("official", "lite", "tiny"),
+        choices=("official", "lite", "tiny", "effnet_lite0", "effnet_lite1"),
         default="official",
         help="architecture: official = ResNet-50 CRM, lite = ResNet-18-like encoder "
-        "with 128-channel features, tiny = half of lite",
+        "with 128-channel features, tiny = half of lite, effnet_lite0/1 = EfficientNet-Lite "
+        "encoder (use --init imagenet)",
     )
     g.add_argument("--iters", type=int, default=45_000, help="iterations (paper 45,000)")
     g.add_argument("--batch-size", type=int, default=12, help="global batch (paper 12)")
@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--init",
         default="scratch",
-        help="'scratch' or a checkpoint to fine-tune from (official model_45705 or "
-        "a crm_d2 file); non-matching tensors are skipped and listed",
+        help="'scratch', 'imagenet' (effnet presets: ImageNet trunk from the [train] extra; "
+        "'imagenet:PATH' for a file) or a checkpoint to fine-tune from (official model_45705 "
+        "or a crm_d2 file); non-matching tensors are skipped and listed",
     )
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
@@ -216,8 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             CRMTrainDataset(
                 train_src,
                 crop_size=args.crop,
-                perturb=args.perturb,
-                lowres_factors=args.lowres_factors,
+                coarse=args.coarse,
                 seed=args.seed * 1000 + i,
                 scale_range=args.scale_range,
             )
@@ -227,17 +227,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_samples = []
     if rank == 0 and args.val_fraction > 0:
         val_samples = make_val_samples(
-            val_sources, seed=args.seed, max_per_source=args.val_max_per_source
+            val_sources, seed=args.seed, max_per_source=args.val_max_per_source,
+            kinds=args.val_coarse.split("+"),
         )
     if rank == 0:
         print(f"{'kind':<6}  {'train':>7}  {'held out':>8}  source")
         for spec, kind, n_train, n_val in rows:
             print(f"{kind:<6}  {n_train:>7}  {n_val:>8}  {spec}")
-        counts = {k: sum(s.perturb == k for s in val_samples) for k in PERTURB_KINDS}
+        counts = collections.Counter(s.perturb for s in val_samples)
         print(
             f"total: {sum(r[2] for r in rows)} training samples; {len(val_samples)} validation "
-            f"images ({counts['contour']} contour-perturbed, {counts['lowres']} soft low-res 1/8, "
-            f"{counts['lowres_binary']} binary low-res 1/8)"
+            "images (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")"
         )
         sys.stdout.flush()
     cfg = dataclasses.replace(

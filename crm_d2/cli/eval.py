@@ -8,7 +8,7 @@ Examples::
 
     # no detector at hand: coarse masks rendered from the ground truth at 1/8 resolution
     crm-eval --weights model_45705 --output out/ --coco-instances instances_val2017.json \\
-        --images val2017/ --coarse-from-gt lowres:8 --limit 500
+        --images val2017/ --coarse-from-gt stride8_binary --limit 500
 
     # panoptic predictions, and a BIG-layout folder
     crm-eval --weights W --output out/ --coco-panoptic panoptic_val2017.json \\
@@ -83,16 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--coarse-from-gt",
         metavar="SPEC",
-        help="make the coarse predictions from the ground truth: lowres:K (render "
-        "at 1/K and upsample bilinearly; K = 4, 8, 16), perturb or "
-        "perturb:LO-HI (CRM's training perturbation, IoU target in [LO, HI), "
-        "default 0.8-1.0)",
+        help="make the coarse predictions from the ground truth, with a kind of "
+        "crm_d2.coarse: stride<K> (render at 1/K and upsample bilinearly, soft), "
+        "stride<K>_binary, stride<K>_t<T>, maskrcnn (28x28 in the box, pasted), perturb or "
+        "perturb:LO-HI (CRM's training perturbation), shift, dilate",
     )
     i.add_argument(
         "--soft-coarse",
         action="store_true",
-        help="with lowres:K, CRM receives the soft upsampled map (the binary coarse "
-        "mask is its > 0.5 part)",
+        help="with a soft kind (stride<K>), CRM receives the soft upsampled map (the "
+        "binary coarse mask is its > 0.5 part)",
     )
     i.add_argument(
         "--as-panoptic",

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .backbone import ResNetTrunk
+from .efficientnet import EFFICIENTNET_VARIANTS, EfficientNetLiteTrunk
 
 __all__ = ["OFFICIAL_ARCH", "TINY_ARCH", "CRMArch", "CRMNet", "FeatureFusion", "ImplicitMLP",
            "make_coord"]
@@ -34,6 +35,10 @@ class CRMArch:
     """Architecture of a CRM network. The defaults are the official ResNet-50 model.
 
     Attributes:
+        encoder: ``"resnet"`` (the paper's, built from ``block`` / ``layers`` / ``width`` /
+            ``with_layer4``) or an EfficientNet-Lite trunk (``"efficientnet_lite0"``,
+            ``"efficientnet_lite1"``; see :mod:`crm_d2.modeling.efficientnet`), for which the
+            ResNet fields are ignored.
         block: trunk block type, ``"bottleneck"`` or ``"basic"``.
         layers: blocks per ResNet stage.
         width: stem channels (64 for ResNet-50).
@@ -48,6 +53,14 @@ class CRMArch:
     feat_dim: int = 256
     mlp_hidden: tuple[int, ...] = field(default=(32, 32, 32, 32))
     with_layer4: bool = True
+    encoder: str = "resnet"
+
+    def __post_init__(self) -> None:
+        if self.encoder != "resnet" and self.encoder not in EFFICIENTNET_VARIANTS:
+            raise ValueError(
+                f"unknown CRM encoder {self.encoder!r}; choose 'resnet' or one of "
+                f"{sorted(EFFICIENTNET_VARIANTS)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -190,7 +203,10 @@ class CRMNet(nn.Module):
     def __init__(self, arch: CRMArch = OFFICIAL_ARCH) -> None:
         super().__init__()
         self.arch = arch
-        self.feats = ResNetTrunk(arch.block, arch.layers, arch.width, 4, arch.with_layer4)
+        if arch.encoder == "resnet":
+            self.feats = ResNetTrunk(arch.block, arch.layers, arch.width, 4, arch.with_layer4)
+        else:
+            self.feats = EfficientNetLiteTrunk(arch.encoder, in_chans=4)
         self.aspp_ = FeatureFusion(self.feats.out_channels, arch.feat_dim)
         self.imnet = ImplicitMLP(arch.feat_dim + 6, arch.mlp_hidden)
 

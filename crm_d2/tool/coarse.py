@@ -2,15 +2,11 @@
 
 Shape shorthand: H, W image size; N segments of one image.
 
-Two kinds (``--coarse-from-gt``):
-
-* ``lowres:K``: each ground-truth mask is rendered at 1/K resolution and upsampled bilinearly
-  (:func:`crm_d2.training.perturb.lowres_perturb`), what a stride-K network produces. The soft
-  0..255 map is what CRM receives with ``--soft-coarse``; the binary coarse mask is
-  ``soft >= 128`` (probability > 0.5).
-* ``perturb`` or ``perturb:LO-HI``: the CRM training perturbation
-  (:func:`crm_d2.training.perturb.perturb_mask`) with an IoU target drawn uniformly from
-  ``[LO, HI)`` (default ``[0.8, 1.0)``, the training range).
+``--coarse-from-gt KIND`` takes any kind of :mod:`crm_d2.coarse` (the vocabulary training and
+the held-out evaluation use): ``stride8`` (soft 1/8 rendering), ``stride8_binary``,
+``stride8_t0.4``, ``maskrcnn``, ``perturb`` / ``perturb:LO-HI``, ``shift``, ``dilate``. The
+binary coarse mask of a soft kind is ``soft >= 128`` (probability > 0.5); CRM receives the
+soft map only with ``--soft-coarse``.
 
 Every random draw comes from a generator seeded with ``(seed, image key, segment index)``, so a
 coarse mask does not depend on the order in which images are processed nor on how they are
@@ -25,71 +21,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..training.perturb import lowres_perturb, perturb_mask, random_iou_target
+from ..coarse import BINARY_LEVEL, CoarseKind
 
 __all__ = ["CoarseSpec", "image_seed_key", "paint_soft_segments"]
-
-BINARY_LEVEL = 128  # soft 0..255 value from which a coarse pixel is foreground (prob > 0.5)
 
 
 @dataclass(frozen=True)
 class CoarseSpec:
-    """How coarse masks are made from ground truth.
+    """How crm-eval makes coarse masks from ground truth: a coarse kind and a seed.
 
     Attributes:
-        kind: ``"lowres"`` or ``"perturb"``.
-        k: downsampling factor of ``lowres`` (>= 2).
-        iou_low, iou_high: IoU target range of ``perturb``.
-        seed: base seed of ``perturb``.
+        kind: the :class:`~crm_d2.coarse.CoarseKind`.
+        seed: base seed of the random kinds.
     """
 
-    kind: str
-    k: int = 8
-    iou_low: float = 0.8
-    iou_high: float = 1.0
+    kind: CoarseKind
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("lowres", "perturb"):
-            raise ValueError(f"coarse kind must be 'lowres' or 'perturb', got {self.kind!r}")
-        if self.kind == "lowres" and self.k < 2:
-            raise ValueError(f"lowres factor must be an integer >= 2, got {self.k}")
-        if self.kind == "perturb" and not 0.0 < self.iou_low < self.iou_high <= 1.0:
-            raise ValueError(
-                f"perturb IoU range must satisfy 0 < LO < HI <= 1, got {self.iou_low}-"
-                f"{self.iou_high}"
-            )
 
     @classmethod
     def parse(cls, text: str, seed: int = 0) -> CoarseSpec:
-        """Parse ``lowres:K`` or ``perturb`` / ``perturb:LO-HI`` (e.g. ``perturb:0.6-0.9``)."""
-        kind, _, arg = text.strip().partition(":")
-        try:
-            if kind == "lowres":
-                if not arg:
-                    raise ValueError("missing factor")
-                return cls("lowres", k=int(arg), seed=seed)
-            if kind == "perturb":
-                if not arg:
-                    return cls("perturb", seed=seed)
-                low, sep, high = arg.partition("-")
-                if not sep:
-                    raise ValueError("missing '-'")
-                return cls("perturb", iou_low=float(low), iou_high=float(high), seed=seed)
-        except ValueError as e:
-            raise ValueError(
-                f"bad coarse-from-gt spec {text!r} ({e}): use lowres:K (K = 4, 8, 16 ...), "
-                "perturb or perturb:LO-HI"
-            ) from e
-        raise ValueError(
-            f"bad coarse-from-gt spec {text!r}: use lowres:K (K = 4, 8, 16 ...), perturb or "
-            "perturb:LO-HI"
-        )
+        """Parse a coarse kind (e.g. ``stride8_binary``); ValueError names the accepted forms."""
+        return cls(CoarseKind.parse(text), seed=seed)
 
     def describe(self) -> str:
-        if self.kind == "lowres":
-            return f"lowres:{self.k}"
-        return f"perturb:{self.iou_low:g}-{self.iou_high:g} (seed {self.seed})"
+        if self.kind.random:
+            return f"{self.kind.name} (seed {self.seed})"
+        return self.kind.name
 
     def render(self, gt: np.ndarray, key: Sequence[int]) -> np.ndarray:
         """Coarse soft mask of one ground-truth mask.
@@ -97,17 +54,14 @@ class CoarseSpec:
         Args:
             gt: (H, W) bool ground-truth mask.
             key: integers that identify the segment (image key, segment index); they seed the
-                random generator of ``perturb``.
+                random generator of the random kinds.
 
         Returns:
-            (H, W) uint8 0..255 (soft for ``lowres``, 0/255 for ``perturb``).
+            (H, W) uint8 0..255 (soft only for the soft ``stride<K>`` kinds).
         """
         gt_u8 = np.ascontiguousarray(gt, dtype=np.uint8) * 255
-        if self.kind == "lowres":
-            return lowres_perturb(gt_u8, self.k)
         rng = np.random.default_rng([self.seed, *(int(v) for v in key)])
-        target = random_iou_target(rng, self.iou_low, self.iou_high)
-        return perturb_mask(gt_u8, target, rng)
+        return self.kind.render(gt_u8, rng)
 
 
 def image_seed_key(image_id: int | str) -> int:

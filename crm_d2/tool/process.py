@@ -57,7 +57,8 @@ class ProcessContext:
         settings: ROI options, scales, downscaling.
         layout: the output folder.
         coarse: coarse masks from the ground truth (None: the given predictions).
-        soft_coarse: give CRM the soft coarse map (``lowres``) instead of the binary mask.
+        soft_coarse: give CRM the soft coarse map (soft ``stride<K>`` kinds) instead of the
+            binary mask.
     """
 
     refiner: CRMRefiner

@@ -108,9 +108,9 @@ class EvalConfig:
                     "COCO panoptic needs either --pred-json/--pred-dir or "
                     "--coarse-from-gt SPEC (one of them)"
                 )
-        if self.soft_coarse and (self.coarse is None or self.coarse.kind != "lowres"):
+        if self.soft_coarse and (self.coarse is None or self.coarse.kind.binary):
             raise ValueError(
-                "--soft-coarse needs --coarse-from-gt lowres:K (the only soft coarse masks)"
+                "--soft-coarse needs a soft --coarse-from-gt kind (stride<K>, e.g. stride8)"
             )
 
     def settings_record(self, refiner: CRMRefiner) -> dict[str, Any]:

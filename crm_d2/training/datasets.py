@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .perturb import lowres_perturb, perturb_mask, random_iou_target
+from ..coarse import BINARY_LEVEL, CoarseMix
 from .transforms import (
     center_crop_with_pad,
     color_jitter,
@@ -419,45 +419,21 @@ class CocoObjectPairs(Dataset):
 
 # --------------------------------------------------------------------------- training samples
 
-PERTURB_KINDS = ("contour", "lowres", "lowres_binary")
-_PERTURB_ALIASES = {"mixed": ("contour", "lowres")}
-
-
-def parse_perturb(spec: str) -> tuple[str, ...]:
-    """``"contour+lowres_binary"`` -> ``("contour", "lowres_binary")``.
-
-    A perturbation spec is one kind of :data:`PERTURB_KINDS` or several joined by ``+`` (each
-    sample then draws one of them uniformly); ``"mixed"`` means ``"contour+lowres"``.
-    """
-    if spec in _PERTURB_ALIASES:
-        return _PERTURB_ALIASES[spec]
-    kinds = tuple(k.strip() for k in str(spec).split("+"))
-    bad = [k for k in kinds if k not in PERTURB_KINDS]
-    if bad or len(set(kinds)) != len(kinds):
-        raise ValueError(
-            f"bad perturbation {spec!r}: use one of {PERTURB_KINDS} or several joined by '+' "
-            f"(e.g. 'contour+lowres+lowres_binary'), or 'mixed' (= contour+lowres)"
-        )
-    return kinds
-
-
 class CRMTrainDataset(Dataset):
-    """CRM training samples built on the fly (REFERENCE §3, authors' online dataset).
+    """CRM training samples built on the fly (the CRM paper's online dataset, §3).
 
     With ``augment=True`` (training), per sample: random SxS crop (padding with 0 if smaller,
     torchvision ``pad_if_needed`` style) and horizontal flip of image and ground truth; the
-    ground truth CROP is binarised at > 0 (as the authors' ``np.array(gt) > 0.5`` on 0..255
-    values) and perturbed into the coarse mask; colour jitter (brightness 0.2, contrast 0.05,
-    saturation 0.05) and random grayscale (p 0.1) on the image. The target ``gt`` stays soft.
+    ground truth CROP is binarised at 128 (0..255; the same as the authors' ``> 0.5`` on binary
+    0/255 masks, and the midpoint of soft masks such as DUTS and PASCAL-S) and turned into the
+    coarse mask; colour jitter (brightness 0.2, contrast 0.05, saturation 0.05) and random
+    grayscale (p 0.1) on the image. The target ``gt`` stays soft.
 
     With ``augment=False`` (validation): centre crop (same padding), no flip, no colour change,
-    and a perturbation that depends only on (seed, idx), so every epoch sees the same inputs.
+    and a coarse mask that depends only on (seed, idx), so every epoch sees the same inputs.
 
-    Perturbations: ``"contour"`` = :func:`perturb_mask` with an IoU target uniform in
-    ``iou_range`` (the paper's); ``"lowres"`` = :func:`lowres_perturb` with k drawn from
-    ``lowres_factors`` (soft map); ``"lowres_binary"`` = the same thresholded at 128 (what
-    detectron2 models return); several joined by ``+`` = one of them drawn uniformly per sample
-    (:func:`parse_perturb`); ``"mixed"`` = ``"contour+lowres"``.
+    Coarse masks: a :class:`~crm_d2.coarse.CoarseMix` spec, e.g. ``"perturb"`` (the paper's)
+    or ``"perturb+stride8_binary*2+maskrcnn"``; one kind is drawn per sample.
 
     Randomness: sample ``idx`` uses ``np.random.default_rng([seed, epoch, idx])`` (``[seed, idx]``
     when not augmenting), so results are reproducible and independent of worker assignment.
@@ -467,14 +443,12 @@ class CRMTrainDataset(Dataset):
     Args:
         pairs: (image path, mask path) pairs or a :class:`PairSource` (e.g. CocoObjectPairs).
         crop_size: S.
-        perturb: perturbation spec, e.g. "contour", "mixed" or "contour+lowres+lowres_binary".
-        lowres_factors: candidate k for "lowres".
+        coarse: coarse-mask mix spec (see :mod:`crm_d2.coarse.kinds`).
         seed: base seed.
         augment: training (True) or deterministic validation (False) sampling.
-        iou_range: [low, high) of the contour perturbation's IoU target.
         jitter: (brightness, contrast, saturation) strengths.
         grayscale_p: probability of the grayscale conversion.
-        legacy_kernels: reproduce the released model's morphology-kernel draw.
+        legacy_kernels: reproduce the released model's morphology-kernel draw (``perturb``).
         scale_range: (low, high) factor of a random resize of the whole image before the crop
             (:func:`~crm_d2.training.transforms.random_rescale`; training only). ``(1, 1)``, the
             paper's recipe, draws nothing.
@@ -484,22 +458,17 @@ class CRMTrainDataset(Dataset):
         self,
         pairs: Sequence[tuple[str, str]] | PairSource,
         crop_size: int = 224,
-        perturb: str = "contour",
-        lowres_factors: Sequence[int] = (4, 8, 16),
+        coarse: str = "perturb",
         seed: int = 0,
         augment: bool = True,
-        iou_range: tuple[float, float] = (0.8, 1.0),
         jitter: tuple[float, float, float] = (0.2, 0.05, 0.05),
         grayscale_p: float = 0.1,
         legacy_kernels: bool = False,
         scale_range: tuple[float, float] = (1.0, 1.0),
     ):
-        kinds = parse_perturb(perturb)
+        self.coarse_mix = CoarseMix.parse(coarse)
         if crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {crop_size}")
-        factors = tuple(int(k) for k in lowres_factors)
-        if kinds != ("contour",) and (not factors or min(factors) < 1):
-            raise ValueError(f"lowres_factors must be non-empty integers >= 1, got {factors}")
         if hasattr(pairs, "load"):
             self.source = pairs
         else:
@@ -507,12 +476,9 @@ class CRMTrainDataset(Dataset):
         if len(self.source) == 0:
             raise ValueError("CRMTrainDataset got no samples")
         self.crop_size = int(crop_size)
-        self.perturb = perturb
-        self.perturb_kinds = kinds
-        self.lowres_factors = factors
+        self.coarse = self.coarse_mix.name
         self.seed = int(seed)
         self.augment = bool(augment)
-        self.iou_range = (float(iou_range[0]), float(iou_range[1]))
         self.jitter = tuple(float(j) for j in jitter)
         self.grayscale_p = float(grayscale_p)
         self.legacy_kernels = bool(legacy_kernels)
@@ -534,15 +500,8 @@ class CRMTrainDataset(Dataset):
         return np.random.default_rng([self.seed, idx])
 
     def _coarse(self, fg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        kinds = self.perturb_kinds
-        mode = kinds[0]
-        if len(kinds) > 1:
-            mode = kinds[min(int(rng.random() * len(kinds)), len(kinds) - 1)]
-        if mode == "contour":
-            target = random_iou_target(rng, *self.iou_range)
-            return perturb_mask(fg, target, rng, legacy_kernels=self.legacy_kernels)
-        k = self.lowres_factors[int(rng.integers(len(self.lowres_factors)))]
-        return lowres_perturb(fg, k, binary=mode == "lowres_binary")
+        kind = self.coarse_mix.draw(rng)
+        return kind.render(fg, rng, legacy_kernels=self.legacy_kernels)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor | str]:
         image, mask, name = self.source.load(idx)
@@ -554,7 +513,7 @@ class CRMTrainDataset(Dataset):
         else:
             image = center_crop_with_pad(image, self.crop_size)
             gt = center_crop_with_pad(mask, self.crop_size)
-        fg = np.where(gt > 0, 255, 0).astype(np.uint8)
+        fg = np.where(gt >= BINARY_LEVEL, 255, 0).astype(np.uint8)
         coarse = self._coarse(fg, rng)
         if self.augment:
             image = color_jitter(image, rng, *self.jitter)

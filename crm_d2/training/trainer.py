@@ -55,18 +55,19 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from ..checkpoint import FORMAT_NAME, FORMAT_VERSION, load_crm, load_state_dict_file, save_crm
+from ..coarse import CoarseKind, parse_kinds
 from ..distributed import DistInfo, init_distributed
 from ..evaluation.binary import object_scores
 from ..inference import DEFAULT_SCALES, CRMRefiner
 from ..modeling.crm import OFFICIAL_ARCH, CRMArch, CRMNet
-from .datasets import PERTURB_KINDS, PairSource
+from .datasets import PairSource
 from .losses import crm_loss
-from .perturb import lowres_perturb, perturb_mask, random_iou_target
 
 __all__ = [
     "PRESETS",
     "TrainConfig",
     "ValSample",
+    "load_imagenet_init",
     "load_init_weights",
     "make_val_samples",
     "resolve_arch",
@@ -84,6 +85,10 @@ PRESETS: dict[str, CRMArch] = {
     "lite": CRMArch(block="basic", layers=(2, 2, 2, 2), width=64, feat_dim=128, with_layer4=False),
     # Half-width lite (1.18 GMACs, 0.75 M parameters), for tests and quick experiments.
     "tiny": CRMArch(block="basic", layers=(2, 2, 2, 2), width=32, feat_dim=64, with_layer4=False),
+    # EfficientNet-Lite trunks (ImageNet-initialisable with init="imagenet"), 128-channel
+    # features: 0.87 M (lite0) and 1.15 M (lite1) parameters.
+    "effnet_lite0": CRMArch(encoder="efficientnet_lite0", feat_dim=128, with_layer4=False),
+    "effnet_lite1": CRMArch(encoder="efficientnet_lite1", feat_dim=128, with_layer4=False),
 }
 DEFAULT_LOSS_WEIGHTS = {"ce": 1.0, "l1": 0.5, "l2": 0.5, "grad": 2.0}
 # The paper's lr steps (22,500 and 37,500 of 45,000 iterations) as fractions of the schedule.
@@ -137,9 +142,11 @@ class TrainConfig:
             their default inference scales.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast of the encoder; CUDA only (ignored
             with a warning elsewhere). The decoder and the loss always run in float32.
-        init: ``"scratch"`` (random initialisation) or a checkpoint path for fine-tuning (the
-            official ``model_45705`` or a project file); tensors that do not match the
-            architecture by name and shape are skipped and listed in the log.
+        init: ``"scratch"`` (random initialisation), ``"imagenet"`` (EfficientNet-Lite encoders:
+            the trunk from the ImageNet file of the training extra, the mask channel at zero,
+            the rest random; ``"imagenet:PATH"`` names the file) or a checkpoint path for
+            fine-tuning (the official ``model_45705`` or a project file); tensors that do not
+            match the architecture by name and shape are skipped and listed in the log.
         resume: None (start fresh), ``"auto"`` (continue from ``output_dir/last.pth`` if it
             exists) or the path of a ``last.pth`` to continue from.
         output_dir: where checkpoints and metrics go.
@@ -243,8 +250,8 @@ class ValSample:
         gt: (H, W) uint8 0..255 ground truth.
         coarse: (H, W) uint8 0..255 coarse mask (the refiner's input).
         name: sample name.
-        perturb: how ``coarse`` was made: ``"contour"``, ``"lowres"`` or ``"lowres_binary"``.
-        detail: the perturbation's parameter (IoU target, or the 1/k factor).
+        perturb: the coarse kind that made ``coarse`` (a :class:`~crm_d2.coarse.CoarseKind`
+            name, e.g. ``"stride8_binary"``).
     """
 
     image: np.ndarray
@@ -252,41 +259,35 @@ class ValSample:
     coarse: np.ndarray
     name: str
     perturb: str
-    detail: float
+
+
+VAL_KINDS = ("perturb", "stride8", "stride8_binary", "maskrcnn")
 
 
 def make_val_samples(
     sources: Sequence[PairSource],
     seed: int = 0,
-    lowres_factor: int = 8,
-    iou_range: tuple[float, float] = (0.8, 1.0),
     max_per_source: int | None = None,
-    kinds: Sequence[str] = ("contour", "lowres", "lowres_binary"),
+    kinds: Sequence[str] = VAL_KINDS,
 ) -> list[ValSample]:
     """Load held-out images and give each a fixed coarse mask (deterministic in ``seed``).
 
-    Sample ``k`` gets perturbation ``kinds[k % len(kinds)]``: ``"contour"`` = the paper's
-    contour perturbation, :func:`perturb_mask`, at an IoU target drawn uniformly from
-    ``iou_range``; ``"lowres"`` = :func:`lowres_perturb` at 1/``lowres_factor`` (soft map);
-    ``"lowres_binary"`` = the same thresholded at 128. The ground truth is binarised at > 127
-    before perturbing. Sample ``k`` draws from ``np.random.default_rng([seed, k])``. Images
-    whose ground truth is empty are skipped.
+    Sample ``k`` gets the coarse kind ``kinds[k % len(kinds)]`` (see :mod:`crm_d2.coarse`),
+    rendered from the ground truth binarised at 128 with ``np.random.default_rng([seed, k])``.
+    Images whose ground truth is empty are skipped.
 
     Args:
         sources: pair sources (anything with ``__len__`` and ``load(idx)``).
-        seed: seed of the perturbations.
-        lowres_factor: k of the low-resolution rendering.
-        iou_range: [low, high) of the contour perturbation's IoU target.
+        seed: seed of the random kinds.
         max_per_source: keep at most this many samples per source, evenly spaced (None = all).
-        kinds: perturbations to rotate through.
+        kinds: coarse kinds to rotate through.
 
     Returns:
         the samples, in source order.
     """
-    kinds = tuple(kinds)
-    unknown = set(kinds) - set(PERTURB_KINDS)
-    if not kinds or unknown:
-        raise ValueError(f"unknown validation perturbation(s) {sorted(unknown)} in {kinds}")
+    parsed: tuple[CoarseKind, ...] = parse_kinds(list(kinds))
+    if not parsed:
+        raise ValueError("make_val_samples needs at least one coarse kind")
     entries = []
     for si, src in enumerate(sources):
         n = len(src)
@@ -297,19 +298,13 @@ def make_val_samples(
     samples, empty = [], 0
     for k, (si, i) in enumerate(entries):
         image, mask, name = sources[si].load(i)
-        fg = np.where(mask > 127, 255, 0).astype(np.uint8)
+        fg = np.where(mask >= 128, 255, 0).astype(np.uint8)
         if not fg.any():
             empty += 1
             continue
-        rng = np.random.default_rng([seed, k])
-        kind = kinds[k % len(kinds)]
-        if kind == "contour":
-            target = random_iou_target(rng, *iou_range)
-            coarse = perturb_mask(fg, target, rng)
-            samples.append(ValSample(image, mask, coarse, name, kind, float(target)))
-        else:
-            coarse = lowres_perturb(fg, lowres_factor, binary=kind == "lowres_binary")
-            samples.append(ValSample(image, mask, coarse, name, kind, float(lowres_factor)))
+        kind = parsed[k % len(parsed)]
+        coarse = kind.render(fg, np.random.default_rng([seed, k]))
+        samples.append(ValSample(image, mask, coarse, name, kind.name))
     if empty:
         logger.info("validation: skipped %d sample(s) with an empty ground truth", empty)
     return samples
@@ -430,6 +425,32 @@ def load_init_weights(model: CRMNet, path: str) -> dict[str, Any]:
     }
 
 
+def load_imagenet_init(model: CRMNet, path: str | None = None) -> dict[str, Any]:
+    """Initialise an EfficientNet-Lite CRM's trunk from ImageNet (strict key and shape checks).
+
+    Args:
+        model: a CRMNet whose ``arch.encoder`` is an EfficientNet-Lite variant.
+        path: the ImageNet state dict; None = the file of the installed training extra.
+
+    Returns:
+        ``{"path", "imagenet", "loaded", "skipped"}`` for the training record.
+    """
+    from ..modeling.efficientnet import imagenet_weights_path, load_imagenet_weights
+
+    encoder = model.arch.encoder
+    if encoder == "resnet":
+        raise ValueError(
+            "init='imagenet' is for the EfficientNet-Lite encoders (presets effnet_lite0 / "
+            "effnet_lite1); for ResNet-50 pass a checkpoint path (e.g. the official model_45705)"
+        )
+    path = path or imagenet_weights_path(encoder)
+    skipped = load_imagenet_weights(model.feats, path)
+    n = len(model.feats.state_dict())
+    logger.info("init: %s trunk from ImageNet (%s): %d tensors, mask channel zero, %d unused "
+                "file tensors (stages not built, head)", encoder, path, n, len(skipped))
+    return {"path": str(path), "imagenet": encoder, "loaded": n, "skipped": len(skipped)}
+
+
 # ============================================================================ infrastructure
 
 
@@ -532,7 +553,7 @@ def _describe_datasets(datasets: Sequence[Dataset]) -> list[dict[str, Any]]:
     out = []
     for ds in datasets:
         d: dict[str, Any] = {"type": type(ds).__name__, "samples": len(ds)}
-        for attr in ("crop_size", "perturb", "lowres_factors", "scale_range", "seed"):
+        for attr in ("crop_size", "coarse", "scale_range", "seed"):
             if hasattr(ds, attr):
                 value = getattr(ds, attr)
                 d[attr] = list(value) if isinstance(value, tuple) else value
@@ -661,7 +682,9 @@ def _train(
     _seed_all(cfg.seed)
     model = CRMNet(arch)
     init_report: dict[str, Any] = {"path": "scratch"}
-    if cfg.init != "scratch":
+    if cfg.init == "imagenet" or cfg.init.startswith("imagenet:"):
+        init_report = load_imagenet_init(model, cfg.init.partition(":")[2] or None)
+    elif cfg.init != "scratch":
         init_report = load_init_weights(model, cfg.init)
     elif main and resolve_arch(cfg.arch).block == "bottleneck":
         logger.warning(
@@ -696,14 +719,13 @@ def _train(
     if main:
         with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-        # Which coarse mask each validation image got (the perturbation and its parameter).
+        # Which coarse kind each validation image got.
         with open(os.path.join(out_dir, VAL_LIST_NAME), "w", encoding="utf-8") as f:
             json.dump(
                 [
                     {
                         "name": v.name,
-                        "perturb": v.perturb,
-                        "detail": v.detail,
+                        "coarse": v.perturb,
                         "size": list(v.gt.shape),
                     }
                     for v in val_samples

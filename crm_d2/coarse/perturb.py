@@ -1,15 +1,12 @@
-"""Synthetic coarse masks for CRM training.
+"""The CRM paper's training perturbation of a ground-truth mask (Shen et al., CVPR 2022, §3).
 
 Shape shorthand: H, W = mask height and width. Masks are ``np.uint8`` arrays of shape (H, W);
 binary masks hold 0 / 255 and any non-zero pixel counts as foreground unless stated otherwise.
 
-Two families of perturbations are provided:
-
-* :func:`perturb_mask` reproduces the CRM/CascadePSP training perturbation (REFERENCE §3):
-  contour simplification (:func:`simplify_contours`) followed by random rectangle
-  dilate/erode edits (:func:`random_region_edits`) until the IoU drops below a target.
-* :func:`lowres_perturb` imitates what a stride-``k`` segmentation network produces: the mask
-  rendered at 1/k resolution and bilinearly upsampled (soft edges, lost thin structures).
+:func:`perturb_mask` reproduces the CRM/CascadePSP training perturbation: contour
+simplification (:func:`simplify_contours`) followed by random rectangle dilate/erode edits
+(:func:`random_region_edits`) until the IoU drops below a target. The other coarse-mask kinds
+are in :mod:`crm_d2.coarse.kinds`.
 
 All randomness comes from an explicit ``np.random.Generator``; nothing touches global state.
 """
@@ -23,7 +20,6 @@ import numpy as np
 
 __all__ = [
     "binary_iou",
-    "lowres_perturb",
     "perturb_mask",
     "random_iou_target",
     "random_region_edits",
@@ -220,7 +216,7 @@ def perturb_mask(
     rng: np.random.Generator,
     legacy_kernels: bool = False,
 ) -> np.ndarray:
-    """CRM's coarse-mask perturbation (authors' ``modify_boundary``, REFERENCE §3).
+    """CRM's coarse-mask perturbation (the authors' ``modify_boundary``; paper §3).
 
     ``simplify_contours`` then ``random_region_edits``. As in the authors' code, the IoU
     target of step (b) is measured against the output of step (a), NOT against ``gt``: the
@@ -243,41 +239,3 @@ def perturb_mask(
     # OpenCV's drawing functions need C-ordered arrays (pycocotools decodes Fortran-ordered ones)
     simplified = simplify_contours(np.ascontiguousarray(gt), rng)
     return random_region_edits(simplified, iou_target, rng, legacy_kernels=legacy_kernels)
-
-
-def lowres_perturb(gt: np.ndarray, k: int, binary: bool = False) -> np.ndarray:
-    """Coarse mask as a stride-``k`` network would produce it.
-
-    The mask is area-averaged down to (ceil(H/k), ceil(W/k)) (OpenCV ``INTER_AREA``: exact
-    k x k block means when k divides the size) and resized back to (H, W) with bilinear
-    interpolation (half-pixel centres, i.e. ``align_corners=False``). Edges become soft ramps
-    about k pixels wide and structures thinner than about k pixels fade or vanish. ``k = 1``
-    returns the input unchanged.
-
-    With ``binary=True`` the upsampled map is thresholded at 128 (0/255), which is what a
-    detectron2 model hands over: Mask R-CNN pastes its 28x28 soft mask bilinearly and
-    thresholds at 0.5, PanopticFCN / Panoptic FPN upsample logits and take the argmax. The
-    boundary is then hard and smooth but shifted (corners rounded, thin parts cut).
-
-    Args:
-        gt: (H, W) uint8 mask (0..255; soft values allowed).
-        k: integer downsampling factor >= 1.
-        binary: threshold the result at 128.
-
-    Returns:
-        (H, W) uint8 mask in 0..255 (0/255 when ``binary``).
-    """
-    _check_mask(gt)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if k == 1:
-        out = gt.copy()
-    else:
-        h, w = gt.shape
-        small_size = (max(1, math.ceil(w / k)), max(1, math.ceil(h / k)))
-        small = cv2.resize(gt.astype(np.float32), small_size, interpolation=cv2.INTER_AREA)
-        up = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-        out = np.clip(np.rint(up), 0, 255).astype(np.uint8)
-    if binary:
-        out = np.where(out >= 128, 255, 0).astype(np.uint8)
-    return out

@@ -1,0 +1,89 @@
+"""The guided-filter refiner: He et al.'s algorithm, and the CRM refiner interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crm_d2.guided_filter import GuidedFilterRefiner, guided_filter
+from crm_d2.inference import normalize_image, normalize_mask
+from crm_d2.segments import ROIOptions, refine_segments
+
+
+def _naive(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.ndarray:
+    """Per-window ridge regression, straight from the paper (windows clipped to the image)."""
+    h, w = p.shape
+    a, b = np.zeros((h, w, 3)), np.zeros((h, w))
+
+    def window(y, x):
+        return slice(max(0, y - r), y + r + 1), slice(max(0, x - r), x + r + 1)
+
+    for y in range(h):
+        for x in range(w):
+            ys, xs = window(y, x)
+            i_w = guide[ys, xs].reshape(-1, 3).astype(np.float64)
+            p_w = p[ys, xs].reshape(-1).astype(np.float64)
+            mu, pm = i_w.mean(0), p_w.mean()
+            sigma = (i_w - mu).T @ (i_w - mu) / len(p_w)
+            cov = ((i_w - mu) * (p_w - pm)[:, None]).mean(0)
+            a[y, x] = np.linalg.solve(sigma + eps * np.eye(3), cov)
+            b[y, x] = pm - a[y, x] @ mu
+    q = np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            ys, xs = window(y, x)
+            q[y, x] = a[ys, xs].reshape(-1, 3).mean(0) @ guide[y, x] + b[ys, xs].mean()
+    return q
+
+
+def test_matches_the_per_window_definition():
+    rng = np.random.default_rng(0)
+    guide = rng.random((17, 21, 3)).astype(np.float32)
+    p = (rng.random((17, 21)) > 0.5).astype(np.float32)
+    for r, eps in ((1, 1e-2), (3, 1e-2), (2, 1e-1)):
+        want = _naive(guide, p, r, eps)
+        got = guided_filter(torch.from_numpy(guide).permute(2, 0, 1)[None],
+                            torch.from_numpy(p)[None, None], r, eps)[0, 0].numpy()
+        assert np.abs(got - want).max() < 1e-5
+
+
+def test_flat_guide_is_a_double_box_blur_and_edges_snap_to_colour():
+    p = torch.zeros(1, 1, 20, 20)
+    p[..., 5:15, 5:15] = 1
+    flat = guided_filter(torch.full((1, 3, 20, 20), 0.5), p, 2, 1e-2)
+    box = torch.nn.functional.avg_pool2d
+    blur = box(box(p, 5, 1, 2, count_include_pad=False), 5, 1, 2, count_include_pad=False)
+    assert torch.allclose(flat, blur, atol=1e-5)
+    # coarse mask 2 px too large, colour edge at the true boundary: the filter moves toward it
+    guide = torch.zeros(1, 3, 20, 20)
+    guide[..., 5:15, 5:15] = 1
+    coarse = torch.zeros(1, 1, 20, 20)
+    coarse[..., 3:17, 3:17] = 1
+    out = guided_filter(guide, coarse, 4, 1e-3)
+    truth = guide[:, :1] > 0.5
+    assert ((out > 0.5) == truth).float().mean() > ((coarse > 0.5) == truth).float().mean()
+
+
+def test_refiner_interface():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:25, 8:30] = 255
+    ref = GuidedFilterRefiner(radius=3, eps=1e-2)
+    prob = ref.refine(image, mask)
+    assert prob.shape == (30, 40) and prob.dtype == np.float32
+    assert 0 <= prob.min() and prob.max() <= 1
+    img_t = normalize_image(torch.from_numpy(image).permute(2, 0, 1)[None])
+    msk_t = normalize_mask(torch.from_numpy(mask / 255.0)[None, None])
+    batch = ref.refine_tensors(img_t.repeat(2, 1, 1, 1), msk_t.repeat(2, 1, 1, 1))
+    assert batch.shape == (2, 30, 40) and torch.allclose(batch[0], torch.from_numpy(prob))
+    # refine_segments (the detectron2 and crm-eval ROI batching) takes it as a refiner
+    masks = torch.zeros(2, 30, 40, dtype=torch.bool)
+    masks[0, 5:25, 8:30] = True
+    masks[1, 2:10, 2:12] = True
+    out = refine_segments(ref, torch.from_numpy(image).permute(2, 0, 1), masks,
+                          ROIOptions(min_area=0))
+    assert len(out) == 2
+    with pytest.raises(ValueError, match="radius"):
+        GuidedFilterRefiner(radius=0)
