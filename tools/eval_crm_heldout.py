@@ -35,9 +35,11 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from crm_d2 import CRMRefiner
+from crm_d2.band import restrict_to_band
 from crm_d2.coarse import CoarseKind, parse_kinds
 from crm_d2.evaluation.binary import BinaryMetrics
 from crm_d2.guided_filter import GuidedFilterRefiner
@@ -60,6 +62,18 @@ def build_refiner(spec: str, device: str, scales: Sequence[float] | None,
         return GuidedFilterRefiner(device=device)
     kwargs = {} if min_side is None else {"min_side": min_side}
     return CRMRefiner.from_checkpoint(spec, device, scales=scales, **kwargs)
+
+
+class BandRestricted:
+    """A refiner whose changes are kept only within ``width`` px of the coarse boundary."""
+
+    def __init__(self, refiner, width: int) -> None:
+        self.refiner, self.width, self.scales = refiner, int(width), refiner.scales
+
+    def refine(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        prob = torch.from_numpy(self.refiner.refine(image, mask))[None]
+        coarse = torch.from_numpy(mask.astype(np.float32) / 255.0)[None]
+        return restrict_to_band(coarse, prob, self.width)[0].numpy()
 
 
 def evaluate(refiners: dict, sources, kinds: Sequence[CoarseKind], seed: int = 0,
@@ -155,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="CRM refinement scales (default: the ones stored in each checkpoint)")
     ap.add_argument("--min-side", type=int, default=None,
                     help="CRM: skip scales whose encoder input is shorter than this")
+    ap.add_argument("--band", type=int, nargs="+", default=(),
+                    help="also measure each CRM refiner with its changes restricted to W px "
+                    "around the coarse boundary (rows NAME|bandW)")
     ap.add_argument("--output", required=True, help="folder for heldout_eval.json / .md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -172,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep or not name or not value or name == "coarse" or name in refiners:
             ap.error(f"--refiner {spec!r}: expected a new NAME=SPEC (NAME not 'coarse')")
         refiners[name] = build_refiner(value, args.device, args.scales, args.min_side)
+    for name, refiner in list(refiners.items()):
+        if isinstance(refiner, CRMRefiner):
+            for width in args.band:
+                refiners[f"{name}|band{width}"] = BandRestricted(refiner, width)
     try:
         kinds = parse_kinds(args.coarse)
     except ValueError as e:
