@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .io import torch_save
 from .modeling.crm import OFFICIAL_ARCH, CRMArch, CRMNet
 
 __all__ = ["CheckpointError", "load_crm", "load_state_dict_file", "save_crm"]
@@ -210,6 +211,4 @@ def save_crm(
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in sd.items()},
         **metadata,
     }
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch_save(obj, path)

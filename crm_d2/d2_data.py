@@ -33,10 +33,10 @@ from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BitMasks
 from detectron2.utils import comm
-from PIL import Image
 from tabulate import tabulate
 
 from .evaluation import coco_mask_ap, read_panoptic_png
+from .io import save_image, write_json
 from .meta_arch import INNER_KEY
 
 __all__ = [
@@ -275,7 +275,7 @@ def derive_panoptic_annotations(
             if sem is not None:
                 sem[mask] = 0 if isthing[cat] else int(stuff_contiguous[cat])
         if sem is not None:
-            Image.fromarray(sem).save(os.path.join(sem_dir, ann["file_name"]))
+            save_image(os.path.join(sem_dir, ann["file_name"]), sem)
         if (n + 1) % 500 == 0:
             logger.info("derived annotations of %d / %d images", n + 1, len(data["annotations"]))
     base = {"images": data["images"], "info": data.get("info", {})}
@@ -289,10 +289,9 @@ def derive_panoptic_annotations(
         ("instances", instances, things),
         ("entities", entities, cats),
     ):
-        with open(paths[key], "w", encoding="utf-8") as f:
-            json.dump({**base, "categories": categories, "annotations": anns}, f)
-    with open(os.path.join(out_dir, _DONE), "w", encoding="utf-8") as f:
-        json.dump({"panoptic_json": os.path.abspath(panoptic_json), **paths}, f)
+        write_json(paths[key], {**base, "categories": categories, "annotations": anns})
+    write_json(os.path.join(out_dir, _DONE), {"panoptic_json": os.path.abspath(panoptic_json),
+                                              **paths})
     logger.info(
         "derived %d thing and %d entity annotations of %d images into %s",
         len(instances),

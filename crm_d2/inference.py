@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .io import mask_to_prob
 from .modeling.crm import CRMArch, CRMNet, make_coord_axes
 
 __all__ = [
@@ -73,7 +74,8 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _as_prob(mask: np.ndarray) -> np.ndarray:
-    """HxW mask (uint8 0..255, bool, or float in [0, 1]) -> float32 in [0, 1]."""
+    """HxW mask -> float32 in [0, 1] by :func:`crm_d2.io.mask_to_prob` (uint8 0..255 or 0/1,
+    uint16, bool, or float in [0, 1])."""
     if not isinstance(mask, np.ndarray):
         raise ValueError(f"mask must be a numpy array, got {type(mask).__name__}")
     if mask.ndim == 3 and mask.shape[2] == 1:
@@ -82,20 +84,7 @@ def _as_prob(mask: np.ndarray) -> np.ndarray:
         raise ValueError(f"mask must be HxW, got shape {mask.shape}")
     if mask.size == 0:
         raise ValueError(f"mask is empty: shape {mask.shape}")
-    if mask.dtype == np.bool_:
-        return mask.astype(np.float32)
-    if mask.dtype == np.uint8:
-        return mask.astype(np.float32) / 255
-    if np.issubdtype(mask.dtype, np.floating):
-        if not np.isfinite(mask).all():
-            raise ValueError("mask contains NaN or infinite values")
-        if mask.min() < 0 or mask.max() > 1:
-            raise ValueError(
-                f"float mask must lie in [0, 1], got [{mask.min():.4g}, {mask.max():.4g}]; "
-                "pass uint8 for 0..255 masks"
-            )
-        return mask.astype(np.float32)
-    raise ValueError(f"mask must be uint8 (0..255), bool or float in [0, 1]; got {mask.dtype}")
+    return mask_to_prob(mask)
 
 
 def normalize_image(image_u8: torch.Tensor) -> torch.Tensor:
@@ -238,7 +227,8 @@ class CRMRefiner:
         Args:
             image: HxWx3 uint8 RGB; HxW (or HxWx1) gray is repeated to RGB; HxWx4 RGBA drops
                 alpha.
-            mask: HxW uint8 0..255, bool, or float in [0, 1] (the coarse mask).
+            mask: the coarse mask, HxW uint8 0..255 (only 0 and 1: binary 0/1), uint16
+                0..65535, bool, or float in [0, 1] (:func:`crm_d2.io.mask_to_prob`).
             scales: input scales of the coarse-to-fine schedule (default: the refiner's,
                 ``(0.125, 0.25, 0.5, 1.0)``).
             exact: run the authors' arithmetic to the letter (slower). Otherwise the grid

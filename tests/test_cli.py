@@ -8,6 +8,7 @@ from PIL import Image
 
 from crm_d2 import save_crm
 from crm_d2.cli import refine as cli
+from crm_d2.io import read_mask
 from crm_d2.modeling.crm import TINY_ARCH
 
 TINY = TINY_ARCH
@@ -73,11 +74,11 @@ def test_read_mask_conventions(tmp_path):
     m01 = np.zeros((4, 5), np.uint8)
     m01[1:3, 1:4] = 1
     Image.fromarray(m01).save(tmp_path / "m01.png")
-    assert cli.read_mask(str(tmp_path / "m01.png")).max() == 255
+    assert read_mask(str(tmp_path / "m01.png")).max() == 255
     rgba = np.zeros((4, 5, 4), np.uint8)
     rgba[..., 3] = m01 * 200
     Image.fromarray(rgba).save(tmp_path / "cut.png")
-    assert np.array_equal(cli.read_mask(str(tmp_path / "cut.png")), m01 * 200)
+    assert np.array_equal(read_mask(str(tmp_path / "cut.png")), m01 * 200)
 
 
 def test_highres_demo_end_to_end(shared_data, weights, tmp_path):

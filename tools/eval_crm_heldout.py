@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from crm_d2 import CRMRefiner
 from crm_d2.evaluation.binary import BinaryMetrics
+from crm_d2.io import write_json, write_text
 from crm_d2.training.perturb import lowres_perturb, perturb_mask, random_iou_target
 from crm_d2.training.sources import build_source
 
@@ -135,11 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   data=args.data,
                   val_fraction=args.val_fraction, seed=args.seed)
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "heldout_eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(args.output, "heldout_eval.json"), result, indent=2, allow_nan=True)
     table = to_markdown(result)
-    with open(os.path.join(args.output, "heldout_eval.md"), "w") as f:
-        f.write(table)
+    write_text(os.path.join(args.output, "heldout_eval.md"), table)
     logger.info("%d images in %.0f s\n%s", result["images"], result["seconds"], table)
     return 0
 

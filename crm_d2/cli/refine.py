@@ -17,36 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from crm_d2.io import read_image, read_mask
+
 logger = logging.getLogger("crm_d2.refine")
-
-
-def read_image(path: str) -> np.ndarray:
-    """An image file -> HxWx3 uint8 RGB (gray and RGBA are converted, alpha dropped)."""
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I", "F"):
-            raise ValueError(f"{path}: {im.mode} images are not supported, save as 8-bit")
-        return np.asarray(im.convert("RGB"))
-
-
-def read_mask(path: str) -> np.ndarray:
-    """A mask file -> HxW uint8 0..255.
-
-    Gray masks are used as they are; RGB(A) masks use their alpha channel when it is not
-    constant (a cut-out), else their luminance. A 0/1 mask is scaled to 0/255.
-    """
-    with Image.open(path) as im:
-        if im.mode == "P":
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA"):
-            alpha = np.asarray(im.getchannel("A"))
-            if alpha.min() != alpha.max():
-                return alpha.copy()
-        if im.mode == "1":
-            return np.asarray(im, dtype=np.uint8) * 255
-        m = np.asarray(im.convert("L")).copy()
-    if m.max() == 1:
-        m *= 255
-    return m
 
 
 def build_parser() -> argparse.ArgumentParser:

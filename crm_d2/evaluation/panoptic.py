@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from ..io import save_image
 from .binary import boundary_dilation, mask_to_boundary
 
 __all__ = [
@@ -96,8 +97,8 @@ def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_panoptic_png(path: str | os.PathLike, ids: np.ndarray) -> None:
-    """Write ``(H, W)`` segment ids as a COCO panoptic (RGB) PNG."""
-    Image.fromarray(id2rgb(ids)).save(path)
+    """Write ``(H, W)`` segment ids as a COCO panoptic (RGB) PNG (atomically)."""
+    save_image(path, id2rgb(ids))
 
 
 @dataclass

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..evaluation.panoptic import read_panoptic_png
 
@@ -38,8 +37,6 @@ __all__ = [
     "CocoPanopticSet",
     "ImageItem",
     "decode_segmentation",
-    "read_gray",
-    "read_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,22 +69,6 @@ def safe_key(value: Any) -> str:
     """A file-system-safe version of an image id or name."""
     text = _UNSAFE.sub("_", str(value)).strip("._")
     return text or "image"
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """An image file -> (H, W, 3) uint8 RGB (gray and RGBA converted, alpha dropped)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def read_gray(path: str) -> np.ndarray:
-    """A mask file -> (H, W) uint8 0..255 (RGB masks are converted to luminance)."""
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I", "F"):
-            raise ValueError(f"{path}: {im.mode} masks are not supported, save them as 8-bit")
-        if im.mode == "P":
-            im = im.convert("RGB")
-        return np.asarray(im.convert("L"))
 
 
 def _load_json(path: str, what: str) -> Any:

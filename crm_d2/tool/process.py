@@ -34,8 +34,9 @@ from ..evaluation.binary import (
 from ..evaluation.panoptic import write_panoptic_png
 from ..fusion import RefinedSegment, expand_box, fuse_instances, fuse_panoptic, mask_to_box
 from ..inference import CRMRefiner
+from ..io import read_image, read_mask, save_image
 from .coarse import BINARY_LEVEL, CoarseSpec, image_seed_key, paint_soft_segments
-from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation, read_gray, read_rgb
+from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation
 from .matching import match_instances, match_panoptic, rle_encode
 from .records import OutputLayout
 from .refine import RefineSettings, refine_masks
@@ -73,7 +74,7 @@ class ProcessContext:
 def _read_image(item: ImageItem) -> np.ndarray:
     if not os.path.isfile(item.image_path):
         raise ValueError(f"image {item.image_path} (id {item.image_id}) does not exist")
-    image = read_rgb(item.image_path)
+    image = read_image(item.image_path)
     if item.height is not None and image.shape[:2] != (item.height, item.width):
         raise ValueError(
             f"{item.image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its annotation "
@@ -379,9 +380,9 @@ def process_big(ctx: ProcessContext, dataset: BigSet, item: ImageItem) -> dict:
     """
     t0 = time.perf_counter()
     paths = dataset.paths[item.key]
-    image = read_rgb(paths.image)
-    coarse = read_gray(paths.coarse)
-    gt = read_gray(paths.gt)
+    image = read_image(paths.image)
+    coarse = read_mask(paths.coarse)
+    gt = read_mask(paths.gt)
     shape = image.shape[:2]
     for mask, what in ((coarse, paths.coarse), (gt, paths.gt)):
         if mask.shape != shape:
@@ -402,9 +403,7 @@ def process_big(ctx: ProcessContext, dataset: BigSet, item: ImageItem) -> dict:
     answer = apply_empty_coarse_rule(coarse, out)
     used_refined = bool(refined) and answer is out
     refined_png = os.path.join(ctx.layout.dir("refined"), f"{item.image_id}_refined.png")
-    from PIL import Image
-
-    Image.fromarray(answer).save(refined_png)
+    save_image(refined_png, answer)
     before = object_scores(coarse, gt)
     after = object_scores(answer, gt) if used_refined else before
     crop = _crop_box([coarse > 128, answer > 128, gt > 128], shape)

@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .. import io
+
 __all__ = ["OutputLayout", "RecordStore", "SettingsMismatch", "write_json"]
 
 
@@ -48,11 +50,8 @@ def _finite(obj: Any) -> Any:
 
 
 def write_json(path: str, obj: Any, indent: int | None = None) -> None:
-    """Write ``obj`` as strict JSON (NaN -> null) atomically (temporary file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_finite(obj), f, indent=indent, allow_nan=False)
-    os.replace(tmp, path)
+    """Write ``obj`` as strict JSON (NaN -> null) atomically (:func:`crm_d2.io.write_json`)."""
+    io.write_json(path, _finite(obj), indent=indent)
 
 
 @dataclass(frozen=True)

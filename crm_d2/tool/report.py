@@ -30,8 +30,9 @@ import numpy as np
 from ..evaluation.binary import BinaryMetrics, ObjectScores
 from ..evaluation.coco import coco_mask_ap
 from ..evaluation.panoptic import boundary_pq, pq_compute, read_panoptic_png
+from ..io import read_image, read_mask, save_image, write_text
 from ..visualize import before_after
-from .datasets import ImageItem, decode_segmentation, read_gray, read_rgb
+from .datasets import ImageItem, decode_segmentation
 from .records import OutputLayout, RecordStore, write_json
 
 __all__ = [
@@ -278,7 +279,7 @@ def panoptic_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def big_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
-    return read_gray(record["coarse_png"]) > 128, read_gray(record["refined_png"]) > 128
+    return read_mask(record["coarse_png"]) > 128, read_mask(record["refined_png"]) > 128
 
 
 def write_overlays(
@@ -303,7 +304,7 @@ def write_overlays(
     for kind, key, obj in chosen:
         counters[kind] += 1
         record = store.read(key)
-        image = read_rgb(items[key].image_path)
+        image = read_image(items[key].image_path)
         coarse, refined = masks_of(record, obj)
         x0, y0, x1, y1 = obj["crop"]
         before, after = obj["before"]["iou"], obj["after"]["iou"]
@@ -314,11 +315,7 @@ def write_overlays(
             labels=(f"coarse IoU {before:.3f}", f"refined IoU {after:.3f}"),
         )
         name = f"{kind}_{counters[kind]:02d}_{key}_{obj['index']}.jpg"
-        cv2.imwrite(
-            os.path.join(folder, name),
-            cv2.cvtColor(pic, cv2.COLOR_RGB2BGR),
-            [cv2.IMWRITE_JPEG_QUALITY, 90],
-        )
+        save_image(os.path.join(folder, name), pic, quality=90)
         out.append(
             {
                 "kind": kind,
@@ -384,8 +381,7 @@ def write_markdown(path: str, report: dict, rows: Sequence[Row]) -> None:
                 f"![{ov['kind']}]({ov['file']})",
                 "",
             ]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_report_json(path: str, report: dict) -> None:
