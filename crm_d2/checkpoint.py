@@ -108,6 +108,21 @@ def _check_not_cascadepsp(sd: Mapping[str, Any]) -> None:
         )
 
 
+def _check_finite(sd: Mapping[str, torch.Tensor], path: str) -> None:
+    """Refuse weights with NaN or infinite values (they give all-zero masks without an error)."""
+    bad = [
+        f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})"
+        for k, v in sd.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{path!r} holds NaN or infinite weights in {len(bad)} tensors: "
+            f"{_format_list(bad, 6)}. The training that wrote it diverged or the file is "
+            "corrupt: use an earlier checkpoint or the official 'model_45705'."
+        )
+
+
 def _format_list(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
@@ -146,7 +161,8 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
         raw state dict, else the project's stored fields without the weights).
 
     Raises:
-        CheckpointError: on a missing, HTML, git-LFS, truncated, CascadePSP or mismatching file.
+        CheckpointError: on a missing, HTML, git-LFS, truncated, CascadePSP or mismatching file,
+            or on NaN / infinite weights.
     """
     obj = load_state_dict_file(path)
     if not isinstance(obj, Mapping):
@@ -173,6 +189,7 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
         arch = OFFICIAL_ARCH
         meta = {"format": "official", "arch": arch.to_dict()}
     _check_not_cascadepsp(sd)
+    _check_finite(sd, path)
     model = CRMNet(arch)
     _load_into(model, sd, repr(path))
     model.eval()
