@@ -108,6 +108,21 @@ def _check_not_cascadepsp(sd: Mapping[str, Any]) -> None:
         )
 
 
+def _arch_of(obj: Mapping[str, Any], path: str) -> CRMArch:
+    """The architecture recorded in a crm_d2 checkpoint, or a CheckpointError."""
+    if not isinstance(obj.get("arch"), Mapping):
+        raise CheckpointError(
+            f"{path!r} is a crm_d2 checkpoint without its 'arch' record: it was not written by "
+            "crm_d2.save_crm or tools/train_crm.py, or it was edited"
+        )
+    try:
+        return CRMArch.from_dict(dict(obj["arch"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(
+            f"{path!r} records a bad architecture {dict(obj['arch'])}: {e}"
+        ) from e
+
+
 def _check_finite(sd: Mapping[str, torch.Tensor], path: str) -> None:
     """Refuse weights with NaN or infinite values (they give all-zero masks without an error)."""
     bad = [
@@ -174,7 +189,9 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
                 f"{path!r} is crm_d2 checkpoint version {version}; this crm_d2 reads version "
                 f"{FORMAT_VERSION}: upgrade crm_d2"
             )
-        arch = CRMArch.from_dict(obj["arch"])
+        arch = _arch_of(obj, path)
+        if not isinstance(obj.get("state_dict"), Mapping):
+            raise CheckpointError(f"{path!r} is a crm_d2 checkpoint without a 'state_dict'")
         sd = _strip_prefix(obj["state_dict"])
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
     else:
@@ -190,7 +207,10 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
         meta = {"format": "official", "arch": arch.to_dict()}
     _check_not_cascadepsp(sd)
     _check_finite(sd, path)
-    model = CRMNet(arch)
+    try:
+        model = CRMNet(arch)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path!r} records an unusable architecture {arch}: {e}") from e
     _load_into(model, sd, repr(path))
     model.eval()
     logger.info("Loaded CRM weights from %s (%s format)", path, meta.get("format"))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .distributed import check_device
 from .io import mask_to_prob
 from .modeling.crm import CRMArch, CRMNet, make_coord_axes
 
@@ -167,7 +168,7 @@ class CRMRefiner:
         chunk_size: int = DEFAULT_CHUNK,
         metadata: dict | None = None,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -208,8 +209,14 @@ class CRMRefiner:
         model, meta = load_crm(path)
         if kwargs.get("scales") is None:
             kwargs.pop("scales", None)
-            if meta.get("scales"):
-                kwargs["scales"] = tuple(meta["scales"])
+            if meta.get("scales") is not None:
+                try:
+                    kwargs["scales"] = _check_scales(meta["scales"])
+                except (ValueError, TypeError) as e:
+                    raise CheckpointError(
+                        f"{path!r} stores unusable inference scales {meta['scales']!r} ({e}): "
+                        "pass scales explicitly (--scales)"
+                    ) from e
         return cls(model, device, metadata=meta, **kwargs)
 
     # ---------------------------------------------------------------- numpy entry point
@@ -234,7 +241,9 @@ class CRMRefiner:
             exact: run the authors' arithmetic to the letter (slower). Otherwise the grid
                 decoder (:meth:`CRMNet.decode_grid`) computes the same function with the first
                 layer factored and separable gathers; outputs agree to ~1e-6.
-            progress: optional callback ``progress(stage, done, total)``.
+            progress: optional callback ``progress(stage, done, total)``, called with
+                ``done = 0`` when a scale starts (before its encoder pass) and after each of
+                its ``total`` decoder chunks.
 
         Returns:
             HxW float32 probability map in [0, 1]; ``> 0.5`` is the refined binary mask.
@@ -292,6 +301,9 @@ class CRMRefiner:
             size = (max(1, round(hp * s)), max(1, round(wp * s)))
             img_s = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
             seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+            stage = f"scale {s:g} ({si + 1}/{len(scales)})"
+            if progress is not None:
+                progress(stage, 0, len(spans))  # the stage starts: encoding
             feat = self.model.encode(img_s, seg_s)
             logits = torch.empty(bsz, hp * wp, device=self.device)
             for ci, (a, b) in enumerate(spans):
@@ -304,7 +316,7 @@ class CRMRefiner:
                     out = self.model.decode_grid(feat, (hp, wp), rows=(a, b))
                     logits[:, a * wp : b * wp] = out.reshape(bsz, -1)
                 if progress is not None:
-                    progress(f"scale {s:g} ({si + 1}/{len(scales)})", ci + 1, len(spans))
+                    progress(stage, ci + 1, len(spans))
             prob = torch.sigmoid(logits).view(bsz, 1, hp, wp)
             # The authors' rule: an (essentially) empty input mask gives an empty output.
             empty = (seg + 1).flatten(1).sum(dim=1) < 2

@@ -53,6 +53,8 @@ __all__ = [
     "EXIF_ORIENTATION",
     "apply_exif_orientation",
     "atomic_path",
+    "check_output_dir",
+    "check_output_file",
     "mask_to_prob",
     "read_image",
     "read_mask",
@@ -188,6 +190,92 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
     return np.round(prob * 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths, checked before any work
+# --------------------------------------------------------------------------------------------
+#: Extensions whose Pillow encoders are lossy by default: refused for masks.
+LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".jp2", ".j2k", ".jpx", ".heic")
+
+
+def _probe_folder(folder: str, what: str) -> None:
+    """Create ``folder`` (and its parents) if needed and check that a file can be made in it."""
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{what}: {probe!r} is a file, so no folder can be made under it")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write_test.", dir=folder)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write into {folder!r} ({e.strerror or e})") from e
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    what: str,
+    *,
+    inputs: tuple[str | os.PathLike, ...] = (),
+    lossless: bool = False,
+) -> str:
+    """Check, before any work, that an image can be written at ``path``; create its folder.
+
+    Args:
+        path: the output file.
+        what: its role, for the messages (e.g. ``"--output"``).
+        inputs: files that must not be overwritten (the inputs of the run).
+        lossless: refuse lossy formats (masks).
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        ValueError: when the path is a folder, has no or an unknown image extension, is lossy
+            for a mask, is one of ``inputs``, lies under a file, or its folder is not writable.
+    """
+    text = os.fspath(path)
+    full = os.path.abspath(text)
+    if text.endswith(("/", os.sep)) or os.path.isdir(full):
+        raise ValueError(f"{what} {text!r} is a folder: name a file in it, e.g. "
+                         f"{os.path.join(text, 'refined.png')!r}")
+    for other in inputs:
+        other_full = os.path.abspath(os.fspath(other))
+        same = other_full == full or (
+            os.path.exists(full) and os.path.exists(other_full)
+            and os.path.samefile(full, other_full)
+        )
+        if same:
+            raise ValueError(f"{what} {text!r} is also an input of this run: it would be "
+                             "overwritten. Choose another output path")
+    ext = os.path.splitext(full)[1].lower()
+    if not ext:
+        raise ValueError(f"{what} {text!r} has no extension: add one, e.g. .png")
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{what} {text!r}: {ext} is not an image format Pillow can write; "
+                         "use .png")
+    if lossless and ext in LOSSY_EXTENSIONS:
+        raise ValueError(f"{what} {text!r}: {ext} is lossy, a mask saved in it gets values "
+                         "that were never computed; use .png (or .tif, .bmp)")
+    _probe_folder(os.path.dirname(full), f"{what} {text!r}")
+    return full
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> str:
+    """Check, before any work, that ``path`` is (or can be made) a writable folder; create it.
+
+    Raises:
+        ValueError: when ``path`` is a file, lies under a file or cannot be written.
+    """
+    full = os.path.abspath(os.fspath(path))
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise ValueError(f"{what} {os.fspath(path)!r} is a file, expected a folder")
+    _probe_folder(full, f"{what} {os.fspath(path)!r}")
+    return full
 
 
 # --------------------------------------------------------------------------------------------
