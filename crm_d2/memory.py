@@ -14,9 +14,10 @@ with the default scales on 1000x750; see :data:`BYTES_PER_PIXEL`). When inferenc
 
 Long runs: memory grows with the number of distinct ROI shapes a process has refined (issue 13
 measured 281 -> 547 MiB over 300 API calls with random ROI sizes, then flat; fixed sizes stay
-flat): the allocator and oneDNN keep per-shape buffers and kernels. ``crm-eval`` refines every image's ROIs once
-and is unaffected in practice; a long-lived service should round ROI sizes
-(``ROIOptions(size_multiple=32)``) to bound the number of shapes.
+flat): the allocator and oneDNN keep buffers and kernels per shape. ``crm-eval`` and the
+detectron2 layer meet many ROI sizes and grow the same way until it levels off; rounding ROI
+sizes (``--size-multiple 32``, ``ROIOptions(size_multiple=32)``, ``MODEL.CRM.ROI_SIZE_MULTIPLE``)
+reduces the number of distinct shapes.
 """
 
 from __future__ import annotations

@@ -315,6 +315,7 @@ def _pq(
     iou_type: Literal["segm", "boundary"],
     dilation_ratio: float,
     workers: int,
+    label: str = "",
 ) -> dict[str, Any]:
     gt = _load_json(gt_json, "gt_json")
     pred = _load_json(pred_json, "pred_json")
@@ -368,7 +369,7 @@ def _pq(
             results["per_class"] = per_class
     logger.info(
         "%s | %5s %5s %5s %4s\n%s",
-        "Boundary PQ" if iou_type == "boundary" else "PQ",
+        ("Boundary PQ" if iou_type == "boundary" else "PQ") + (f" of {label}" if label else ""),
         "PQ",
         "SQ",
         "RQ",
@@ -390,6 +391,7 @@ def pq_compute(
     categories: Sequence[Mapping[str, Any]] | Mapping[int, Mapping[str, Any]] | None = None,
     *,
     workers: int = 1,
+    label: str = "",
 ) -> dict[str, Any]:
     """Panoptic quality with panopticapi's ``pq_compute`` definitions (see the module docstring).
 
@@ -404,13 +406,16 @@ def pq_compute(
         categories: list of category dicts (``id``, ``isthing``) or dict id -> category; by default
             ``gt_json["categories"]``, as panopticapi does.
         workers: processes to use (1: in this process).
+        label: what is evaluated, named in the logged table (e.g. ``"before (coarse)"``).
 
     Returns:
         ``{"All" | "Things" | "Stuff": {"pq", "sq", "rq": fraction, "n": number of categories},
         "per_class": {category_id: {"pq", "sq", "rq"}}}``. Where panopticapi would divide by
         ``n = 0`` (e.g. "Stuff" with no stuff category), the averages are NaN.
     """
-    return _pq(gt_json, gt_folder, pred_json, pred_folder, categories, "segm", 0.02, workers)
+    return _pq(
+        gt_json, gt_folder, pred_json, pred_folder, categories, "segm", 0.02, workers, label
+    )
 
 
 def boundary_pq(
@@ -422,6 +427,7 @@ def boundary_pq(
     *,
     dilation_ratio: float = 0.02,
     workers: int = 1,
+    label: str = "",
 ) -> dict[str, Any]:
     """Boundary PQ: :func:`pq_compute` with the pair IoU replaced by min(mask IoU, Boundary IoU).
 
@@ -430,5 +436,6 @@ def boundary_pq(
     width relative to the image diagonal.
     """
     return _pq(
-        gt_json, gt_folder, pred_json, pred_folder, categories, "boundary", dilation_ratio, workers
+        gt_json, gt_folder, pred_json, pred_folder, categories, "boundary", dilation_ratio, workers,
+        label,
     )

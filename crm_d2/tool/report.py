@@ -64,13 +64,14 @@ _AP_RUNS = (
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
-def instance_metrics(gt: dict, results: Sequence[dict]) -> dict[str, float]:
+def instance_metrics(gt: dict, results: Sequence[dict], label: str = "") -> dict[str, float]:
     """Mask AP and Boundary AP, class-aware and class-agnostic, keys ``"<run>/<AP key>"``
-    (``segm``, ``boundary``, ``segm_agnostic``, ``boundary_agnostic``), in percent."""
+    (``segm``, ``boundary``, ``segm_agnostic``, ``boundary_agnostic``), in percent. ``label``
+    names the predictions in the logs (``"before (coarse)"``, ``"after (refined)"``)."""
     out: dict[str, float] = {}
     for name, agnostic, iou_type, _ in _AP_RUNS:
         for key, value in coco_mask_ap(
-            gt, results, class_agnostic=agnostic, iou_type=iou_type
+            gt, results, class_agnostic=agnostic, iou_type=iou_type, label=label
         ).items():
             out[f"{name}/{key}"] = value
     return out
@@ -87,12 +88,15 @@ def instance_rows(before: dict, after: dict) -> list[Row]:
     return rows
 
 
-def panoptic_metrics(gt_json: Any, gt_dir: str, pred_json: Any, pred_dir: str) -> dict[str, float]:
+def panoptic_metrics(
+    gt_json: Any, gt_dir: str, pred_json: Any, pred_dir: str, label: str = ""
+) -> dict[str, float]:
     """PQ / SQ / RQ and Boundary PQ, keys ``"pq/<All|Things|Stuff>/<pq|sq|rq>"`` and
-    ``"bpq/..."``, in percent; per-class values are left out."""
+    ``"bpq/..."``, in percent; per-class values are left out. ``label`` names the predictions
+    in the logs."""
     out: dict[str, float] = {}
     for prefix, fn in (("pq", pq_compute), ("bpq", boundary_pq)):
-        res = fn(gt_json, gt_dir, pred_json, pred_dir)
+        res = fn(gt_json, gt_dir, pred_json, pred_dir, label=label)
         for split in ("All", "Things", "Stuff"):
             for key in ("pq", "sq", "rq"):
                 out[f"{prefix}/{split}/{key}"] = 100 * res[split][key]

@@ -51,6 +51,7 @@ __all__ = ["DistInfo", "EvalConfig", "init_distributed", "run_evaluation"]
 logger = logging.getLogger(__name__)
 
 DIST_TIMEOUT = datetime.timedelta(hours=24)  # the barrier waits for the slowest shard
+BEFORE, AFTER = "before (coarse input)", "after (refined by CRM)"  # names in the logs
 
 
 @dataclass
@@ -330,8 +331,8 @@ def _evaluate(
                     f"({config.coarse.describe()}) and are not among the predictions"
                 )
         gt = dataset.subset(image_ids)
-        before = instance_metrics(gt, collected["coarse_results"])
-        after = instance_metrics(gt, collected["refined_results"])
+        before = instance_metrics(gt, collected["coarse_results"], label=BEFORE)
+        after = instance_metrics(gt, collected["refined_results"], label=AFTER)
         rows = instance_rows(before, after) + object_rows(summary)
         masks_of = instance_masks
         pairing = (
@@ -363,8 +364,10 @@ def _evaluate(
         outputs["refined panoptic"] = layout.path("refined_panoptic.json")
         write_json(outputs["refined panoptic"], refined_json)
         outputs["refined panoptic PNGs"] = layout.path("refined_panoptic")
-        before = panoptic_metrics(gt_json, gt_dir, coarse_json, coarse_dir)
-        after = panoptic_metrics(gt_json, gt_dir, refined_json, layout.path("refined_panoptic"))
+        before = panoptic_metrics(gt_json, gt_dir, coarse_json, coarse_dir, label=BEFORE)
+        after = panoptic_metrics(
+            gt_json, gt_dir, refined_json, layout.path("refined_panoptic"), label=AFTER
+        )
         rows = panoptic_rows(before, after) + object_rows(summary)
         masks_of = panoptic_masks
         pairing = (
