@@ -55,6 +55,7 @@ __all__ = [
     "atomic_path",
     "check_output_dir",
     "check_output_file",
+    "image_size",
     "mask_to_prob",
     "read_image",
     "read_mask",
@@ -93,6 +94,18 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
         return image
     method = _TRANSPOSE.get(exif.get(EXIF_ORIENTATION)) if exif is not None else None
     return image if method is None else image.transpose(method)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image file as :func:`read_image` returns it (EXIF orientation applied),
+    from its header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(EXIF_ORIENTATION)
+        except Exception:  # noqa: BLE001 - as apply_exif_orientation
+            orientation = None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

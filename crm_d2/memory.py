@@ -9,7 +9,7 @@ pixel count at the finest scale. :func:`estimate_refine_bytes` models that with 
 architecture, measured on a 2-core x86-64 CPU with torch 2.14 (peak RSS minus the RSS before
 the call: lite weights 706 and 663 bytes per padded pixel at scale 1 on 1000x750 and 2000x1500
 random images, 765 with the four default scales on 2000x1500; the official architecture 1654
-with the default scales on 1000x750; see :data:`BYTES_PER_PIXEL`). When inference changes
+and 1382 with the default scales on 1000x750 and 2000x1500; see :data:`BYTES_PER_PIXEL`). When inference changes
 (bounded memory), update the model here: the CLIs only call :func:`check_memory`.
 
 Long runs: memory grows with the number of distinct ROI shapes a process has refined (issue 13

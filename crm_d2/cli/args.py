@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["non_negative_int", "positive_float", "positive_int", "probability"]
+__all__ = ["non_negative_float", "non_negative_int", "positive_float", "positive_int",
+           "probability"]
 
 
 def _number(text: str, kind: type) -> float | int:
@@ -41,6 +42,14 @@ def positive_float(text: str) -> float:
     value = _number(text, float)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "pq_compute",
     "read_panoptic_png",
     "rgb2id",
+    "segment_areas",
     "write_panoptic_png",
 ]
 
@@ -172,6 +173,51 @@ def _boundary_map(ids: np.ndarray, segment_ids: Iterable[int], dilation: int) ->
     return out
 
 
+def segment_areas(
+    ids: np.ndarray,
+    segments_info: Sequence[Mapping[str, Any]],
+    categories: Mapping[int, Any],
+    image_id: Any,
+) -> dict[int, int]:
+    """Pixel area of every segment of a predicted panoptic map, with panopticapi's checks.
+
+    Args:
+        ids: (H, W) segment-id map (read from the prediction PNG).
+        segments_info: the prediction JSON's segments of that image.
+        categories: known categories by id.
+        image_id: for the messages.
+
+    Returns:
+        {segment id: area} for every non-VOID segment.
+
+    Raises:
+        ValueError: when an id of the map is not in ``segments_info`` (VOID excepted), a segment
+            of ``segments_info`` is absent from the map, or a category is unknown.
+    """
+    pred_segms = {int(el["id"]): el for el in segments_info}
+    areas: dict[int, int] = {}
+    labels, counts = np.unique(ids, return_counts=True)
+    for label, count in zip(labels.tolist(), counts.tolist()):
+        if label not in pred_segms:
+            if label == VOID:
+                continue
+            raise ValueError(
+                f"image {image_id}: segment id {label} is in the prediction PNG but not in its JSON"
+            )
+        if pred_segms[label]["category_id"] not in categories:
+            raise ValueError(
+                f"image {image_id}: predicted segment {label} has unknown category_id "
+                f"{pred_segms[label]['category_id']}"
+            )
+        areas[label] = count
+    missing = sorted(set(pred_segms) - set(areas))
+    if missing:
+        raise ValueError(
+            f"image {image_id}: segment ids {missing} are in the prediction JSON but not in its PNG"
+        )
+    return areas
+
+
 def _image_stats(
     gt_ann: Mapping[str, Any],
     pred_ann: Mapping[str, Any],
@@ -191,28 +237,7 @@ def _image_stats(
         )
     gt_segms = {int(el["id"]): el for el in gt_ann["segments_info"]}
     pred_segms = {int(el["id"]): el for el in pred_ann["segments_info"]}
-
-    # Predicted areas from the PNG, with panopticapi's sanity checks.
-    pred_area: dict[int, int] = {}
-    labels, counts = np.unique(pan_pred, return_counts=True)
-    for label, count in zip(labels.tolist(), counts.tolist()):
-        if label not in pred_segms:
-            if label == VOID:
-                continue
-            raise ValueError(
-                f"image {image_id}: segment id {label} is in the prediction PNG but not in its JSON"
-            )
-        if pred_segms[label]["category_id"] not in categories:
-            raise ValueError(
-                f"image {image_id}: predicted segment {label} has unknown category_id "
-                f"{pred_segms[label]['category_id']}"
-            )
-        pred_area[label] = count
-    missing = sorted(set(pred_segms) - set(pred_area))
-    if missing:
-        raise ValueError(
-            f"image {image_id}: segment ids {missing} are in the prediction JSON but not in its PNG"
-        )
+    pred_area = segment_areas(pan_pred, pred_ann["segments_info"], categories, image_id)
 
     gt_pred = _pair_counts(pan_gt, pan_pred)
 

@@ -121,9 +121,11 @@ class RecordStore:
                 diff = sorted(
                     k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
                 )
+                records = sum(name.endswith(".json") for name in os.listdir(self.dir))
                 raise SettingsMismatch(
-                    f"{os.path.dirname(path)} holds results made with other settings (differing: "
-                    f"{', '.join(diff)}); use another --output or --overwrite"
+                    f"{os.path.dirname(path)} holds {records} cached per-image records made from "
+                    f"other inputs or settings (differing: {', '.join(diff)}); they are not "
+                    "reused. Use another --output, or --overwrite to discard them"
                 )
         elif create:
             write_json(path, wanted, indent=1)

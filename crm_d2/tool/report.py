@@ -340,6 +340,26 @@ def _nan0(value: float | None) -> float:
     return 0.0 if value is None or math.isnan(value) else value
 
 
+def timing_line(report: dict) -> str:
+    """How long the run took; a resumed run says so and gives the refinement time of all its
+    images (the per-image times recorded in the cache, summed over every invocation)."""
+    t = report["timing"]
+    procs = f"{report['world_size']} process(es)"
+    resumed = t.get("resumed_images", 0)
+    if not resumed:
+        return (
+            f"wall time: {t['wall_seconds']:.1f} s on {procs}; refinement "
+            f"{t['seconds_per_image']:.2f} s per image"
+        )
+    return (
+        f"RESUMED run: {resumed} of {report['images']} images came from the cache of an earlier "
+        f"invocation; this invocation took {t['wall_seconds']:.1f} s on {procs} "
+        f"(refined {t.get('refined_images_this_run', 0)} images). Refinement of all "
+        f"{report['images']} images took {t['refine_seconds']:.1f} s in total "
+        f"({t['seconds_per_image']:.2f} s per image)"
+    )
+
+
 def write_markdown(path: str, report: dict, rows: Sequence[Row]) -> None:
     """Write the human-readable report (metrics table, settings, outputs, overlays)."""
     lines = ["# crm-eval report", ""]
@@ -351,8 +371,7 @@ def write_markdown(path: str, report: dict, rows: Sequence[Row]) -> None:
         f"- weights: {report['weights']}",
         f"- images: {report['images']}, predicted segments: {report['segments']}, "
         f"refined by CRM: {report['refined_segments']}",
-        f"- wall time: {report['timing']['wall_seconds']:.1f} s on {report['world_size']} "
-        f"process(es); refinement {report['timing']['seconds_per_image']:.2f} s per image",
+        f"- {timing_line(report)}",
         "",
         "## Metrics (percent)",
         "",
