@@ -9,8 +9,9 @@ pixel count at the finest scale. :func:`estimate_refine_bytes` models that with 
 architecture, measured on a 2-core x86-64 CPU with torch 2.14 (peak RSS minus the RSS before
 the call: lite weights 706 and 663 bytes per padded pixel at scale 1 on 1000x750 and 2000x1500
 random images, 765 with the four default scales on 2000x1500; the official architecture 1654
-and 1382 with the default scales on 1000x750 and 2000x1500; see :data:`BYTES_PER_PIXEL`). When inference changes
-(bounded memory), update the model here: the CLIs only call :func:`check_memory`.
+and 1382 with the default scales on 1000x750 and 2000x1500; see :data:`BYTES_PER_PIXEL`).
+When inference changes (bounded memory), update the model here: the CLIs only call
+:func:`check_memory`.
 
 Long runs: memory grows with the number of distinct ROI shapes a process has refined (issue 13
 measured 281 -> 547 MiB over 300 API calls with random ROI sizes, then flat; fixed sizes stay

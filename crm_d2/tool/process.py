@@ -35,7 +35,7 @@ from ..evaluation.panoptic import write_panoptic_png
 from ..fusion import RefinedSegment, expand_box, fuse_instances, fuse_panoptic, mask_to_box
 from ..inference import CRMRefiner
 from ..io import read_image, read_mask, save_image
-from .coarse import BINARY_LEVEL, CoarseSpec, image_seed_key, paint_soft_segments
+from .coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
 from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation
 from .matching import match_instances, match_panoptic, rle_encode
 from .records import OutputLayout
@@ -167,18 +167,14 @@ def process_instances(ctx: ProcessContext, dataset: CocoInstanceSet, item: Image
     gt_masks = [decode_segmentation(a["segmentation"], *shape) for a in anns]
     vanished = 0
     if ctx.coarse is not None:
-        seed_key = image_seed_key(item.image_id)
-        preds, soft, gt_of = [], [], []
-        for j, (ann, gt) in enumerate(zip(anns, gt_masks)):
-            s = ctx.coarse.render(gt, (seed_key, j))
-            if not (s >= BINARY_LEVEL).any():
-                vanished += 1
-                continue
-            preds.append(
-                {"image_id": item.image_id, "category_id": ann["category_id"], "score": 1.0}
-            )
-            soft.append(s)
-            gt_of.append(j)
+        rendered = render_instances(ctx.coarse, gt_masks, item.image_id)
+        vanished = len(gt_masks) - len(rendered)
+        gt_of = [j for j, _ in rendered]
+        soft = [s for _, s in rendered]
+        preds = [
+            {"image_id": item.image_id, "category_id": anns[j]["category_id"], "score": 1.0}
+            for j in gt_of
+        ]
         binary = [s >= BINARY_LEVEL for s in soft]
     else:
         preds = dataset.predictions(item.image_id)
@@ -282,21 +278,12 @@ def process_panoptic(ctx: ProcessContext, dataset: Any, item: ImageItem) -> dict
 
     soft_by_id: dict[int, np.ndarray] = {}
     if ctx.coarse is not None:
-        seed_key = image_seed_key(item.image_id)
-        sources = [s for s in gt_segments if not s.get("iscrowd", 0)]
-        soft = [
-            ctx.coarse.render(gt_ids == int(s["id"]), (seed_key, int(s["id"]))) for s in sources
-        ]
-        ids = [int(s["id"]) for s in sources]
-        coarse_ids = paint_soft_segments(soft, ids) if soft else np.zeros(shape, np.int64)
-        present = set(np.unique(coarse_ids).tolist())
+        coarse_ids, kept, soft_by_id = render_panoptic(
+            ctx.coarse, gt_ids, gt_segments, item.image_id
+        )
         coarse_segments = [
-            {"id": int(s["id"]), "category_id": int(s["category_id"])}
-            for s in sources
-            if int(s["id"]) in present
+            {"id": int(s["id"]), "category_id": int(s["category_id"])} for s in kept
         ]
-        soft_by_id = {i: s for i, s in zip(ids, soft) if i in present}
-        del soft
         coarse_segments = _segments_out(coarse_ids, coarse_segments)
         coarse_png = os.path.join(ctx.layout.dir("coarse_panoptic"), png)
         write_panoptic_png(coarse_png, coarse_ids)
