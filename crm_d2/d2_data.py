@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -38,6 +39,7 @@ from tabulate import tabulate
 from .evaluation import coco_mask_ap, read_panoptic_png
 from .io import save_image, write_json
 from .meta_arch import INNER_KEY
+from .simulator import ANNOTATIONS_KEY
 
 __all__ = [
     "BeforeAfterEvaluator",
@@ -71,13 +73,25 @@ class OriginalImageMapper:
     :class:`crm_d2.meta_arch.CRMRefinedModel` refines on it; other models ignore the key.
     """
 
-    def __init__(self, mapper: Callable[[dict], dict | None]) -> None:
+    def __init__(
+        self, mapper: Callable[[dict], dict | None], keep_annotations: bool = False
+    ) -> None:
+        """
+        Args:
+            mapper: the test-time mapper (e.g. ``DatasetMapper(cfg, is_train=False)``).
+            keep_annotations: also pass the dataset dict's ``annotations`` (which
+                detectron2's test mapper drops) as ``out["crm_gt_annotations"]``, for the
+                simulated inner model :class:`crm_d2.simulator.CoarseGTSimulator`.
+        """
         self.mapper = mapper
+        self.keep_annotations = keep_annotations
 
     def __call__(self, dataset_dict: dict) -> dict | None:
         out = self.mapper(dataset_dict)
         if out is None:
             return None
+        if self.keep_annotations and "annotations" in dataset_dict:
+            out[ANNOTATIONS_KEY] = copy.deepcopy(dataset_dict["annotations"])
         height, width = out.get("height"), out.get("width")
         if height is None or width is None:
             return out
