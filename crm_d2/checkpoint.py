@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .io import torch_save
 from .modeling.crm import OFFICIAL_ARCH, CRMArch, CRMNet
 
 __all__ = ["CheckpointError", "format_key_list", "load_crm", "load_state_dict_file", "save_crm"]
@@ -107,6 +108,36 @@ def _check_not_cascadepsp(sd: Mapping[str, Any]) -> None:
         )
 
 
+def _arch_of(obj: Mapping[str, Any], path: str) -> CRMArch:
+    """The architecture recorded in a crm_d2 checkpoint, or a CheckpointError."""
+    if not isinstance(obj.get("arch"), Mapping):
+        raise CheckpointError(
+            f"{path!r} is a crm_d2 checkpoint without its 'arch' record: it was not written by "
+            "crm_d2.save_crm or tools/train_crm.py, or it was edited"
+        )
+    try:
+        return CRMArch.from_dict(dict(obj["arch"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(
+            f"{path!r} records a bad architecture {dict(obj['arch'])}: {e}"
+        ) from e
+
+
+def _check_finite(sd: Mapping[str, torch.Tensor], path: str) -> None:
+    """Refuse weights with NaN or infinite values (they give all-zero masks without an error)."""
+    bad = [
+        f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})"
+        for k, v in sd.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{path!r} holds NaN or infinite weights in {len(bad)} tensors: "
+            f"{format_key_list(bad, 6)}. The training that wrote it diverged or the file is "
+            "corrupt: use an earlier checkpoint or the official 'model_45705'."
+        )
+
+
 def format_key_list(items: list[str], limit: int = 12) -> str:
     """``"a, b, c, ... (N more)"``: a key list short enough for an error message."""
     shown = ", ".join(items[:limit])
@@ -146,7 +177,8 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
         raw state dict, else the project's stored fields without the weights).
 
     Raises:
-        CheckpointError: on a missing, HTML, git-LFS, truncated, CascadePSP or mismatching file.
+        CheckpointError: on a missing, HTML, git-LFS, truncated, CascadePSP or mismatching file,
+            or on NaN / infinite weights.
     """
     obj = load_state_dict_file(path)
     if not isinstance(obj, Mapping):
@@ -158,7 +190,9 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
                 f"{path!r} is crm_d2 checkpoint version {version}; this crm_d2 reads version "
                 f"{FORMAT_VERSION}: upgrade crm_d2"
             )
-        arch = CRMArch.from_dict(obj["arch"])
+        arch = _arch_of(obj, path)
+        if not isinstance(obj.get("state_dict"), Mapping):
+            raise CheckpointError(f"{path!r} is a crm_d2 checkpoint without a 'state_dict'")
         sd = _strip_prefix(obj["state_dict"])
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
     else:
@@ -173,7 +207,11 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
         arch = OFFICIAL_ARCH
         meta = {"format": "official", "arch": arch.to_dict()}
     _check_not_cascadepsp(sd)
-    model = CRMNet(arch)
+    _check_finite(sd, path)
+    try:
+        model = CRMNet(arch)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path!r} records an unusable architecture {arch}: {e}") from e
     _load_into(model, sd, repr(path))
     model.eval()
     logger.info("Loaded CRM weights from %s (%s format)", path, meta.get("format"))
@@ -211,6 +249,4 @@ def save_crm(
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in sd.items()},
         **metadata,
     }
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch_save(obj, path)

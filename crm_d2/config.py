@@ -84,6 +84,9 @@ def add_crm_config(cfg: CN) -> None:
     # Evaluation tasks of tools/train_net.py: any of "panoptic_seg", "segm", "entity",
     # "sem_seg"; [] = chosen from the inner meta-architecture and the dataset.
     c.EVALUATORS = []
+    # Coarse masks of the SIMULATED inner model CoarseGTSimulator (crm_d2.simulator): the
+    # ground truth rendered as crm-eval's --coarse-from-gt SPEC ("lowres:K" or "perturb").
+    c.SIMULATOR_COARSE = "lowres:8"
 
 
 def resolve_base(base: str, including_file: str) -> str:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -33,11 +34,12 @@ from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BitMasks
 from detectron2.utils import comm
-from PIL import Image
 from tabulate import tabulate
 
 from .evaluation import coco_mask_ap, read_panoptic_png
+from .io import save_image, write_json
 from .meta_arch import INNER_KEY
+from .simulator import ANNOTATIONS_KEY
 
 __all__ = [
     "BeforeAfterEvaluator",
@@ -71,13 +73,25 @@ class OriginalImageMapper:
     :class:`crm_d2.meta_arch.CRMRefinedModel` refines on it; other models ignore the key.
     """
 
-    def __init__(self, mapper: Callable[[dict], dict | None]) -> None:
+    def __init__(
+        self, mapper: Callable[[dict], dict | None], keep_annotations: bool = False
+    ) -> None:
+        """
+        Args:
+            mapper: the test-time mapper (e.g. ``DatasetMapper(cfg, is_train=False)``).
+            keep_annotations: also pass the dataset dict's ``annotations`` (which
+                detectron2's test mapper drops) as ``out["crm_gt_annotations"]``, for the
+                simulated inner model :class:`crm_d2.simulator.CoarseGTSimulator`.
+        """
         self.mapper = mapper
+        self.keep_annotations = keep_annotations
 
     def __call__(self, dataset_dict: dict) -> dict | None:
         out = self.mapper(dataset_dict)
         if out is None:
             return None
+        if self.keep_annotations and "annotations" in dataset_dict:
+            out[ANNOTATIONS_KEY] = copy.deepcopy(dataset_dict["annotations"])
         height, width = out.get("height"), out.get("width")
         if height is None or width is None:
             return out
@@ -275,7 +289,7 @@ def derive_panoptic_annotations(
             if sem is not None:
                 sem[mask] = 0 if isthing[cat] else int(stuff_contiguous[cat])
         if sem is not None:
-            Image.fromarray(sem).save(os.path.join(sem_dir, ann["file_name"]))
+            save_image(os.path.join(sem_dir, ann["file_name"]), sem)
         if (n + 1) % 500 == 0:
             logger.info("derived annotations of %d / %d images", n + 1, len(data["annotations"]))
     base = {"images": data["images"], "info": data.get("info", {})}
@@ -289,10 +303,9 @@ def derive_panoptic_annotations(
         ("instances", instances, things),
         ("entities", entities, cats),
     ):
-        with open(paths[key], "w", encoding="utf-8") as f:
-            json.dump({**base, "categories": categories, "annotations": anns}, f)
-    with open(os.path.join(out_dir, _DONE), "w", encoding="utf-8") as f:
-        json.dump({"panoptic_json": os.path.abspath(panoptic_json), **paths}, f)
+        write_json(paths[key], {**base, "categories": categories, "annotations": anns})
+    write_json(os.path.join(out_dir, _DONE), {"panoptic_json": os.path.abspath(panoptic_json),
+                                              **paths})
     logger.info(
         "derived %d thing and %d entity annotations of %d images into %s",
         len(instances),

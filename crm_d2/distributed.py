@@ -1,4 +1,5 @@
-"""Joining a ``torchrun`` process group, shared by training and the evaluation tool.
+"""Devices and process groups: checking a requested torch device, and joining a ``torchrun``
+process group (shared by the refiner, training and the evaluation tool).
 
 ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; without them (or with
 ``WORLD_SIZE=1``) everything runs in one process and no group is created.
@@ -13,7 +14,36 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed"]
+__all__ = ["DistInfo", "check_device", "init_distributed"]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device ``device`` names, if this machine and this torch build can use it.
+
+    Raises:
+        ValueError: for an unknown device name, CUDA on a CPU-only build or without a visible
+            GPU, a CUDA index beyond the visible GPUs, or MPS where it is not available.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch is a CPU-only build"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
+            )
+            raise ValueError(f"device {str(device)!r} asked for, but {why}: use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device {str(device)!r} asked for, but only {count} GPU(s) are visible"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but MPS is not available here")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -60,7 +90,11 @@ def init_distributed(device: str, timeout: datetime.timedelta) -> tuple[DistInfo
 
     Returns:
         The :class:`DistInfo` and the device string for this process.
+
+    Raises:
+        ValueError: when the device cannot be used (:func:`check_device`).
     """
+    check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), device

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .distributed import check_device
+from .io import mask_to_prob
 from .modeling.crm import CRMArch, CRMNet, make_coord_axes
 
 __all__ = [
@@ -74,7 +76,8 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _as_prob(mask: np.ndarray) -> np.ndarray:
-    """HxW mask (uint8 0..255, bool, or float in [0, 1]) -> float32 in [0, 1]."""
+    """HxW mask -> float32 in [0, 1] by :func:`crm_d2.io.mask_to_prob` (uint8 0..255 or 0/1,
+    uint16, bool, or float in [0, 1])."""
     if not isinstance(mask, np.ndarray):
         raise ValueError(f"mask must be a numpy array, got {type(mask).__name__}")
     if mask.ndim == 3 and mask.shape[2] == 1:
@@ -83,20 +86,7 @@ def _as_prob(mask: np.ndarray) -> np.ndarray:
         raise ValueError(f"mask must be HxW, got shape {mask.shape}")
     if mask.size == 0:
         raise ValueError(f"mask is empty: shape {mask.shape}")
-    if mask.dtype == np.bool_:
-        return mask.astype(np.float32)
-    if mask.dtype == np.uint8:
-        return mask.astype(np.float32) / 255
-    if np.issubdtype(mask.dtype, np.floating):
-        if not np.isfinite(mask).all():
-            raise ValueError("mask contains NaN or infinite values")
-        if mask.min() < 0 or mask.max() > 1:
-            raise ValueError(
-                f"float mask must lie in [0, 1], got [{mask.min():.4g}, {mask.max():.4g}]; "
-                "pass uint8 for 0..255 masks"
-            )
-        return mask.astype(np.float32)
-    raise ValueError(f"mask must be uint8 (0..255), bool or float in [0, 1]; got {mask.dtype}")
+    return mask_to_prob(mask)
 
 
 def normalize_image(image_u8: torch.Tensor) -> torch.Tensor:
@@ -180,7 +170,7 @@ class CRMRefiner:
         min_side: int | None = None,
         metadata: dict | None = None,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -224,8 +214,14 @@ class CRMRefiner:
         model, meta = load_crm(path)
         if kwargs.get("scales") is None:
             kwargs.pop("scales", None)
-            if meta.get("scales"):
-                kwargs["scales"] = tuple(meta["scales"])
+            if meta.get("scales") is not None:
+                try:
+                    kwargs["scales"] = _check_scales(meta["scales"])
+                except (ValueError, TypeError) as e:
+                    raise CheckpointError(
+                        f"{path!r} stores unusable inference scales {meta['scales']!r} ({e}): "
+                        "pass scales explicitly (--scales)"
+                    ) from e
         if kwargs.get("min_side") is None and meta.get("min_side"):
             kwargs["min_side"] = int(meta["min_side"])
         return cls(model, device, metadata=meta, **kwargs)
@@ -245,13 +241,16 @@ class CRMRefiner:
         Args:
             image: HxWx3 uint8 RGB; HxW (or HxWx1) gray is repeated to RGB; HxWx4 RGBA drops
                 alpha.
-            mask: HxW uint8 0..255, bool, or float in [0, 1] (the coarse mask).
+            mask: the coarse mask, HxW uint8 0..255 (only 0 and 1: binary 0/1), uint16
+                0..65535, bool, or float in [0, 1] (:func:`crm_d2.io.mask_to_prob`).
             scales: input scales of the coarse-to-fine schedule (default: the refiner's,
                 ``(0.125, 0.25, 0.5, 1.0)``).
             exact: run the authors' arithmetic to the letter (slower). Otherwise the grid
                 decoder (:meth:`CRMNet.decode_grid`) computes the same function with the first
                 layer factored and separable gathers; outputs agree to ~1e-6.
-            progress: optional callback ``progress(stage, done, total)``.
+            progress: optional callback ``progress(stage, done, total)``, called with
+                ``done = 0`` when a scale starts (before its encoder pass) and after each of
+                its ``total`` decoder chunks.
 
         Returns:
             HxW float32 probability map in [0, 1]; ``> 0.5`` is the refined binary mask.
@@ -310,6 +309,9 @@ class CRMRefiner:
             size = (max(1, round(hp * s)), max(1, round(wp * s)))
             img_s = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
             seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+            stage = f"scale {s:g} ({si + 1}/{len(scales)})"
+            if progress is not None:
+                progress(stage, 0, len(spans))  # the stage starts: encoding
             feat = self.model.encode(img_s, seg_s)
             logits = torch.empty(bsz, hp * wp, device=self.device)
             for ci, (a, b) in enumerate(spans):
@@ -322,7 +324,7 @@ class CRMRefiner:
                     out = self.model.decode_grid(feat, (hp, wp), rows=(a, b))
                     logits[:, a * wp : b * wp] = out.reshape(bsz, -1)
                 if progress is not None:
-                    progress(f"scale {s:g} ({si + 1}/{len(scales)})", ci + 1, len(spans))
+                    progress(stage, ci + 1, len(spans))
             prob = torch.sigmoid(logits).view(bsz, 1, hp, wp)
             # The authors' rule: an (essentially) empty input mask gives an empty output.
             empty = (seg + 1).flatten(1).sum(dim=1) < 2

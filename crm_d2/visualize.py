@@ -8,10 +8,20 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["COARSE_COLOR", "REFINED_COLOR", "draw_boundary", "before_after"]
+__all__ = [
+    "COARSE_COLOR",
+    "REFINED_COLOR",
+    "ZOOM_COLOR",
+    "before_after",
+    "before_after_zoom",
+    "changed_window",
+    "draw_boundary",
+]
 
 COARSE_COLOR = (255, 64, 64)  # RGB red
 REFINED_COLOR = (64, 255, 64)  # RGB green
+ZOOM_COLOR = (255, 220, 0)  # RGB yellow: the zoomed window on the overview
+GAP = 8  # white pixels between panels
 
 
 def _binary(mask: np.ndarray) -> np.ndarray:
@@ -57,7 +67,7 @@ def before_after(
         (h, 2 * w + gap, 3) uint8 RGB.
     """
     h, w = image.shape[:2]
-    gap = 8
+    gap = GAP
     scale = 1.0
     if max_side and max(h, 2 * w + gap) > max_side:
         scale = min(max_side / h, (max_side - gap) / (2 * w))
@@ -84,3 +94,74 @@ def before_after(
                     max(1, thick), cv2.LINE_AA)
     white = np.full((img.shape[0], gap, 3), 255, np.uint8)
     return np.concatenate([left, white, right], axis=1)
+
+
+def changed_window(coarse: np.ndarray, refined: np.ndarray, side: int) -> tuple[int, int, int, int]:
+    """The ``side`` x ``side`` window (clipped to the image) where the two masks differ most.
+
+    Args:
+        coarse, refined: HxW masks (bool, 0..255 or probabilities).
+        side: window side in pixels.
+
+    Returns:
+        (x0, y0, x1, y1) of the window with the most pixels where the masks disagree (the
+        middle of the tied positions, so that a small change is centred); the image centre
+        when they agree everywhere.
+    """
+    diff = (_binary(coarse) != _binary(refined)).astype(np.float64)
+    h, w = diff.shape
+    sh, sw = min(side, h), min(side, w)
+    if not diff.any():
+        y0, x0 = (h - sh) // 2, (w - sw) // 2
+        return x0, y0, x0 + sw, y0 + sh
+    integral = cv2.integral(diff)  # (h + 1, w + 1)
+    sums = (integral[sh:, sw:] - integral[:-sh, sw:] - integral[sh:, :-sw]
+            + integral[:-sh, :-sw])
+    best = np.argwhere(sums == sums.max())  # ties: the middle one, the change centred
+    y0, x0 = (int(round(v)) for v in best.mean(axis=0))
+    return x0, y0, x0 + sw, y0 + sh
+
+
+def before_after_zoom(
+    image: np.ndarray,
+    coarse: np.ndarray,
+    refined: np.ndarray,
+    max_side: int = 1600,
+    zoom: int = 512,
+) -> np.ndarray:
+    """:func:`before_after` of the whole image, and below it, when the overview had to be
+    shrunk, the ``zoom`` x ``zoom`` window where the masks differ most at full resolution
+    (also side by side; the window is outlined in yellow on the overview).
+
+    Args:
+        image: HxWx3 uint8 RGB.
+        coarse, refined: HxW masks.
+        max_side: longest side of the overview (0 = full resolution, then no zoom is added).
+        zoom: side of the zoomed window in image pixels (0 = no zoom).
+
+    Returns:
+        uint8 RGB picture.
+    """
+    top = before_after(image, coarse, refined, max_side=max_side)
+    h, w = image.shape[:2]
+    pw = (top.shape[1] - GAP) // 2  # width of one overview panel
+    if zoom <= 0 or pw >= w:
+        return top
+    x0, y0, x1, y1 = changed_window(coarse, refined, zoom)
+    s = pw / w
+    corners = (round(x0 * s), round(y0 * s)), (round(x1 * s) - 1, round(y1 * s) - 1)
+    for offset in (0, pw + GAP):
+        cv2.rectangle(top, (corners[0][0] + offset, corners[0][1]),
+                      (corners[1][0] + offset, corners[1][1]), ZOOM_COLOR, 2)
+    crop = before_after(
+        image[y0:y1, x0:x1], coarse[y0:y1, x0:x1], refined[y0:y1, x0:x1], max_side=0,
+        labels=(f"coarse, zoom x{1 / s:.1f}", "refined"),
+    )
+    width = max(top.shape[1], crop.shape[1])
+
+    def pad(pic: np.ndarray) -> np.ndarray:
+        extra = np.full((pic.shape[0], width - pic.shape[1], 3), 255, np.uint8)
+        return np.concatenate([pic, extra], axis=1)
+
+    white = np.full((GAP, width, 3), 255, np.uint8)
+    return np.concatenate([pad(top), white, pad(crop)], axis=0)

@@ -162,3 +162,18 @@ def test_from_checkpoint_refines(tmp_path):
     refiner = CRMRefiner.from_checkpoint(str(tmp_path / "w.pth"))
     out = refiner.refine(np.zeros((9, 11, 3), np.uint8), np.full((9, 11), 255, np.uint8))
     assert out.shape == (9, 11) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_rejects_non_finite_weights(tmp_path, value):
+    model = _random_model()
+    with torch.no_grad():
+        model.imnet.layers[-1].weight[0, 0] = value
+    for half in (False, True):
+        path = tmp_path / f"bad_{half}.pth"
+        save_crm(model, str(path), half=half)
+        with pytest.raises(CheckpointError, match=r"NaN or infinite weights .*imnet\.layers"):
+            load_crm(str(path))
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_crm(str(tmp_path / "plain.pth"))

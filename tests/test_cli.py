@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from crm_d2 import save_crm
 from crm_d2.cli import refine as cli
+from crm_d2.io import read_mask
 from crm_d2.modeling.crm import TINY_ARCH
 
 TINY = TINY_ARCH
@@ -73,11 +75,11 @@ def test_read_mask_conventions(tmp_path):
     m01 = np.zeros((4, 5), np.uint8)
     m01[1:3, 1:4] = 1
     Image.fromarray(m01).save(tmp_path / "m01.png")
-    assert cli.read_mask(str(tmp_path / "m01.png")).max() == 255
+    assert read_mask(str(tmp_path / "m01.png")).max() == 255
     rgba = np.zeros((4, 5, 4), np.uint8)
     rgba[..., 3] = m01 * 200
     Image.fromarray(rgba).save(tmp_path / "cut.png")
-    assert np.array_equal(cli.read_mask(str(tmp_path / "cut.png")), m01 * 200)
+    assert np.array_equal(read_mask(str(tmp_path / "cut.png")), m01 * 200)
 
 
 def test_highres_demo_end_to_end(shared_data, weights, tmp_path):
@@ -89,3 +91,144 @@ def test_highres_demo_end_to_end(shared_data, weights, tmp_path):
                      "--chunk-size", "400000"]) == 0
     assert Image.open(out).size == (3492, 2328)
     assert max(Image.open(ov).size) == 1600
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile inputs: every bad path or value stops before any refinement, with a message
+# --------------------------------------------------------------------------------------------
+def _args(files, weights, *extra):
+    return [str(files / "im.jpg"), str(files / "mask.png"), "--weights", weights, "--quiet",
+            "--scales", "0.5", "1", *extra]
+
+
+@pytest.fixture()
+def no_refine(monkeypatch):
+    """Fail the test if CRM runs: the errors must come before any refinement."""
+    def refine(*a, **k):
+        raise AssertionError("refinement started before the error")
+    monkeypatch.setattr("crm_d2.CRMRefiner.refine", refine)
+
+
+@pytest.mark.parametrize("which", ["image", "mask"])
+def test_refuses_to_overwrite_an_input(files, weights, which, no_refine):
+    target = files / ("im.jpg" if which == "image" else "mask.png")
+    before = target.read_bytes()
+    for flag in ("-o", "--overlay"):
+        extra = ["-o", str(target)] if flag == "-o" else ["-o", str(files / "x.png"),
+                                                          "--overlay", str(target)]
+        with pytest.raises(SystemExit, match="is also an input"):
+            cli.main(_args(files, weights, *extra))
+    assert target.read_bytes() == before
+    with pytest.raises(SystemExit, match="is also an input"):
+        cli.main(_args(files, weights, "-o", str(files / "o.png"), "--overlay",
+                       str(files / "o.png")))
+
+
+@pytest.mark.parametrize("output, message", [
+    ("noext", "has no extension"),
+    ("out.txt", "not an image format"),
+    ("bin.jpg", "lossy"),
+    ("folder/", "is a folder"),
+    ("im.jpg/o.png", "is a file"),
+])
+def test_bad_output_paths_fail_before_refining(files, weights, output, message, no_refine):
+    (files / "folder").mkdir()
+    with pytest.raises(SystemExit, match=message):
+        cli.main(_args(files, weights, "-o", str(files / output), "--threshold", "0.5"))
+
+
+def test_unwritable_output_folder_fails_before_refining(files, weights, no_refine, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("tempfile.mkstemp", refuse)  # a read-only folder, also for root
+    with pytest.raises(SystemExit, match="cannot write into .*Permission denied"):
+        cli.main(_args(files, weights, "-o", str(files / "ro" / "o.png")))
+
+
+def test_full_disk_keeps_the_previous_output(files, weights, monkeypatch):
+    out = files / "o.png"
+    out.write_bytes(b"previous good output")
+
+    def full(self, fp, *a, **k):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(SystemExit, match="No space left.*unchanged"):
+        cli.main(_args(files, weights, "-o", str(out)))
+    assert out.read_bytes() == b"previous good output"
+    assert sorted(p.name for p in files.iterdir()) == ["im.jpg", "mask.png", "o.png"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--scales", "0"], ["--scales", "0.5", "-1"], ["--chunk-size", "0"],
+    ["--overlay-max-side", "-5"], ["--threshold", "1.5"], ["--scales", "nan"],
+])
+def test_bad_option_values_are_argparse_errors(files, weights, flags, capsys, no_refine):
+    with pytest.raises(SystemExit) as e:
+        cli.main(_args(files, weights, "-o", str(files / "o.png"), *flags))
+    assert e.value.code == 2
+    assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+def test_cuda_without_cuda_is_an_argparse_error(files, weights, capsys, no_refine):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as e:
+        cli.main(_args(files, weights, "-o", str(files / "o.png"), "--device", "cuda"))
+    assert e.value.code == 2
+    assert "--device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda obj: obj.pop("arch"), "without its 'arch'"),
+    (lambda obj: obj["arch"].update(block="triangle"), "architecture"),
+    (lambda obj: obj["arch"].update(colour=1), "architecture"),
+    (lambda obj: obj.update(scales=[0.0, 1.0]), "unusable inference scales"),
+])
+def test_bad_checkpoint_contents_are_messages(files, weights, tmp_path, edit, message):
+    obj = torch.load(weights, weights_only=True)
+    edit(obj)
+    torch.save(obj, tmp_path / "edited.pth")
+    with pytest.raises(SystemExit, match=message) as e:
+        cli.main([str(files / "im.jpg"), str(files / "mask.png"), "-o", str(files / "o.png"),
+                  "--weights", str(tmp_path / "edited.pth"), "--quiet"])
+    assert str(e.value.code).startswith("crm-refine: ")
+
+
+def test_memory_estimate_refuses_up_front_and_names_the_options(files, weights, monkeypatch):
+    monkeypatch.setattr("crm_d2.memory.available_bytes", lambda device: 2**20)
+    with pytest.raises(SystemExit, match=r"needs about .* GiB .*--scales .*--no-memory-check"):
+        cli.main(_args(files, weights, "-o", str(files / "o.png")))
+    assert not (files / "o.png").exists()
+    assert cli.main(_args(files, weights, "-o", str(files / "o.png"), "--no-memory-check")) == 0
+
+
+def test_logs_each_step_before_the_progress_bar(files, weights, caplog):
+    caplog.set_level("INFO")
+    cli.main(_args(files, weights, "-o", str(files / "o.png")))
+    text = caplog.text
+    steps = ["reading", "loading CRM weights", "reflect-padded to 125x109",
+             "scale 0.5 (1/2): encoding", "scale 1 (2/2): encoding", "wrote"]
+    positions = [text.find(s) for s in steps]
+    assert -1 not in positions and positions == sorted(positions)
+
+
+def test_overlay_adds_a_full_resolution_zoom_of_the_most_changed_region(files, weights):
+    from crm_d2.visualize import changed_window
+
+    coarse = np.zeros((300, 400), bool)
+    refined = coarse.copy()
+    refined[200:230, 310:350] = True
+    assert changed_window(coarse, refined, 64) == (298, 183, 362, 247)  # covers the change
+    out, ov = files / "o.png", files / "ov.png"
+    assert cli.main(_args(files, weights, "-o", str(out), "--overlay", str(ov),
+                          "--overlay-max-side", "60", "--overlay-zoom", "20")) == 0
+    pic = np.asarray(Image.open(ov))
+    # overview (2 panels 26x19 px + gap: 60 px wide) above a gap and the 2 x 20x20 px zoom
+    assert pic.shape[:2] == (19 + 8 + 20, 60)
+    zoom = pic[19 + 8:, : 2 * 20 + 8]
+    assert not (zoom == 255).all()  # the zoom holds picture, not padding
+    assert cli.main(_args(files, weights, "-o", str(out), "--overlay", str(ov),
+                          "--overlay-max-side", "0")) == 0
+    assert np.asarray(Image.open(ov)).shape[:2] == (45, 2 * 61 + 8)  # full resolution

@@ -366,7 +366,7 @@ def test_resume_skips_done_images(tmp_path, weights, monkeypatch):
     assert set(calls) == {SIZES[0]}
     again = read_report(out)
     assert again["before"] == first["before"] and again["after"] == first["after"]
-    with pytest.raises(SystemExit, match="other settings.*min_area"):
+    with pytest.raises(SystemExit, match="other inputs or settings.*min_area"):
         cli.main(coco_args(tmp_path / "data", out, weights, "--min-area", "50"))
     calls.clear()
     cli.main(

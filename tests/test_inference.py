@@ -174,8 +174,9 @@ def test_progress_callback(sample):
         calls = []
         r = _refiner(chunk_size=1500)
         r.refine(img, mask, exact=exact, progress=lambda *a, c=calls: c.append(a))
-        assert len(calls) == 4 * n and calls[-1][1:] == (n, n)
-        assert calls[0][0] == "scale 0.125 (1/4)"
+        assert len(calls) == 4 * (n + 1) and calls[-1][1:] == (n, n)
+        assert calls[0] == ("scale 0.125 (1/4)", 0, n)  # announced before its encoder pass
+        assert [c[1] for c in calls[: n + 1]] == list(range(n + 1))
 
 
 def test_decode_grid_equals_generic_decoder():

@@ -29,7 +29,8 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from crm_d2.io import save_image, torch_save
 
 logger = logging.getLogger("compare_official")
 
@@ -130,9 +131,9 @@ def make_case(folder: str, name: str, h: int, w: int, rng: np.random.Generator, 
     else:
         cy, cx, r = h / 2, w / 2, min(h, w) / 3
         seg = (((yy - cy) / r) ** 2 + ((xx - cx) / (1.3 * r)) ** 2 < 1).astype(np.uint8) * 255
-    Image.fromarray(img).save(os.path.join(folder, f"{name}_im.png"))
-    Image.fromarray(seg).save(os.path.join(folder, f"{name}_seg.png"))
-    Image.fromarray(seg).save(os.path.join(folder, f"{name}_gt.png"))
+    save_image(os.path.join(folder, f"{name}_im.png"), img)
+    save_image(os.path.join(folder, f"{name}_seg.png"), seg)
+    save_image(os.path.join(folder, f"{name}_gt.png"), seg)
     return img, seg
 
 
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "model_45705")
-        torch.save(random_official_state_dict(args.seed), ckpt)
+        torch_save(random_official_state_dict(args.seed), ckpt)
         official = torch.nn.DataParallel(OfficialCRMNet(backend="resnet50", pretrained=False))
         official.load_state_dict(torch.load(ckpt))
         official.eval()

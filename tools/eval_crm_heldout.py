@@ -27,7 +27,6 @@ Example (the model card's table)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -43,6 +42,7 @@ from crm_d2.band import restrict_to_band
 from crm_d2.coarse import CoarseKind, parse_kinds
 from crm_d2.evaluation.binary import BinaryMetrics
 from crm_d2.guided_filter import GuidedFilterRefiner
+from crm_d2.io import write_json, write_text
 from crm_d2.training.sources import build_source
 
 logger = logging.getLogger("eval_crm_heldout")
@@ -209,11 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   scales={n: list(r.scales) for n, r in refiners.items()},
                   min_side=args.min_side)
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "heldout_eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(args.output, "heldout_eval.json"), result, indent=2, allow_nan=True)
     table = to_markdown(result)
-    with open(os.path.join(args.output, "heldout_eval.md"), "w") as f:
-        f.write(table)
+    write_text(os.path.join(args.output, "heldout_eval.md"), table)
     logger.info("%d images in %.0f s (%s)\n%s", result["images"], result["seconds"],
                 ", ".join(f"{n} {s:.0f} s" for n, s in result["refiner_seconds"].items()), table)
     return 0

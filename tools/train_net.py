@@ -59,11 +59,14 @@ from crm_d2.d2_data import (
     EntityAPEvaluator,
     OriginalImageMapper,
     entity_gt_json,
+    format_before_after,
     prepare_dataset_files,
     register_coco_instance_folder,
     register_coco_panoptic_folder,
 )
+from crm_d2.io import write_json, write_text
 from crm_d2.meta_arch import CRMRefinedModel
+from crm_d2.simulator import CoarseGTSimulator
 
 logger = logging.getLogger("crm_d2.train_net")
 
@@ -75,6 +78,7 @@ TASKS_BY_ARCH = {
     "MaskFormer": ("panoptic_seg",),
     "GeneralizedRCNN": ("segm",),
     "EntityFPN": ("entity",),
+    "CoarseGTSimulator": ("panoptic_seg", "segm"),
 }
 # Category convention of panoptic folders, by inner meta-architecture (default: separated).
 STANDARD_PANOPTIC_ARCHS = ("MaskFormer",)
@@ -218,6 +222,8 @@ def setup(args) -> CfgNode:
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="crm_d2")
+    if args.eval_only:
+        require_evaluator_packages(cfg)
     if comm.get_local_rank() == 0:
         for name in cfg.DATASETS.TEST:
             prepare_dataset_files(name)
@@ -230,6 +236,56 @@ def setup(args) -> CfgNode:
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
+PANOPTICAPI_HINT = (
+    "detectron2's COCOPanopticEvaluator needs panopticapi, which is not installed: "
+    "pip install --no-deps panopticapi-lite"
+)
+
+
+def require_evaluator_packages(cfg: CfgNode) -> None:
+    """Fail before any inference when an evaluator of cfg.DATASETS.TEST needs a missing
+    package (panopticapi for panoptic_seg)."""
+    import importlib.util
+
+    needs_pq = [n for n in cfg.DATASETS.TEST if "panoptic_seg" in evaluation_tasks(cfg, n)]
+    if needs_pq and importlib.util.find_spec("panopticapi") is None:
+        raise SystemExit(f"train_net.py: {PANOPTICAPI_HINT} (needed for {needs_pq})")
+
+
+def write_before_after(cfg: CfgNode, results: dict) -> tuple[str, str] | None:
+    """Write the before/after tables of an --eval-only run to OUTPUT_DIR (Markdown + JSON).
+
+    Returns:
+        The two paths (``OUTPUT_DIR/crm_before_after.md`` and ``.json``), or None when the
+        results hold no before/after pair (MODEL.CRM.EVAL_BOTH off).
+    """
+    if any(str(k).startswith("inner/") for k in results):  # one dataset: DefaultTrainer
+        per_dataset = {cfg.DATASETS.TEST[0]: results}  # returns its results unwrapped
+    else:
+        per_dataset = dict(results)
+    parts, payload = [], {}
+    for dataset, merged in per_dataset.items():
+        if not isinstance(merged, dict) or not any(str(k).startswith("inner/") for k in merged):
+            continue
+        inner = {k[len("inner/"):]: v for k, v in merged.items() if str(k).startswith("inner/")}
+        refined = {k: v for k, v in merged.items() if "/" not in str(k)}
+        payload[dataset] = {"before (inner model)": inner, "after (CRM-refined)": refined}
+        parts.append(f"## {dataset}\n\n" + format_before_after(inner, refined).replace(
+            "CRM before/after: ", "### "))
+    if not payload:
+        return None
+    md = os.path.join(cfg.OUTPUT_DIR, "crm_before_after.md")
+    js = os.path.join(cfg.OUTPUT_DIR, "crm_before_after.json")
+    header = (
+        "# CRM before/after (inner = the inner model's outputs, refined = after CRM, "
+        "delta = refined - inner)\n\n"
+        f"Inner model: {inner_arch(cfg)}; CRM weights: {cfg.MODEL.CRM.WEIGHTS or 'shipped'}\n\n"
+    )
+    write_text(md, header + "\n\n".join(parts) + "\n")
+    write_json(js, payload, indent=1, allow_nan=True)
+    logger.info("before/after tables written to %s and %s", md, js)
+    return md, js
+
 def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> list[str]:
     """Tasks to evaluate: MODEL.CRM.EVALUATORS, else from the inner meta-architecture (else
     from the dataset's evaluator_type), restricted to what the dataset can evaluate."""
@@ -301,7 +357,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        mapper = OriginalImageMapper(DatasetMapper(cfg, is_train=False))
+        # the simulated inner model reads the ground truth from its inputs
+        keep = inner_arch(cfg) == CoarseGTSimulator.__name__
+        mapper = OriginalImageMapper(DatasetMapper(cfg, is_train=False), keep_annotations=keep)
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
@@ -322,7 +380,10 @@ def main(args):
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process() and results:
+            write_before_after(cfg, results)
+        return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

@@ -26,6 +26,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from crm_d2.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
+
 logger = logging.getLogger("crm_d2.eval")
 
 
@@ -55,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu", help="torch device (cuda = cuda:LOCAL_RANK)")
     w.add_argument(
         "--scales",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=None,
         help="CRM input scales, coarse to fine (default: the checkpoint's)",
     )
-    w.add_argument("--chunk-size", type=int, default=None, help="decoder queries per call")
+    w.add_argument(
+        "--chunk-size", type=positive_int, default=None, help="decoder queries per call"
+    )
 
     i = p.add_argument_group("input (one of --coco-instances, --coco-panoptic, --big)")
     mode = i.add_mutually_exclusive_group(required=True)
@@ -101,32 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
         "painted in decreasing area order, smaller objects on top",
     )
     i.add_argument("--seed", type=int, default=0, help="seed of perturb and random weights")
-    i.add_argument("--limit", type=int, default=None, help="only the first N images")
+    i.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
 
     r = p.add_argument_group("refinement")
     r.add_argument(
         "--expand-ratio",
-        type=float,
+        type=non_negative_float,
         default=0.25,
         help="ROI = mask box grown by this fraction of its size (a large value, "
         "e.g. 100, refines on the whole image like the official BIG test)",
     )
     r.add_argument(
         "--min-area",
-        type=int,
+        type=non_negative_int,
         default=1024,
         help="segments of at most this many pixels are kept unchanged",
     )
-    r.add_argument("--batch-size", type=int, default=8, help="same-size ROIs per CRM call")
+    r.add_argument(
+        "--batch-size", type=positive_int, default=8, help="same-size ROIs per CRM call"
+    )
     r.add_argument(
         "--size-multiple",
-        type=int,
+        type=positive_int,
         default=1,
         help="round ROI sizes up to a multiple of this (more batching)",
     )
     r.add_argument(
         "--max-side",
-        type=int,
+        type=positive_int,
         default=None,
         help="refine images larger than this (longer side, px) at reduced size, "
         "for speed; outputs and metrics stay at full resolution",
@@ -136,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output", required=True, metavar="DIR", help="output folder")
     o.add_argument(
         "--overlays",
-        type=int,
+        type=non_negative_int,
         default=8,
         help="before/after pictures of the N most improved and N most degraded objects",
     )
@@ -213,7 +219,6 @@ def _refiner(args: argparse.Namespace, device: str):
     import torch
 
     from crm_d2 import CRMNet, CRMRefiner
-    from crm_d2.checkpoint import CheckpointError
     from crm_d2.modeling.crm import OFFICIAL_ARCH, TINY_ARCH
     from crm_d2.weights import default_weights_path
 
@@ -239,16 +244,26 @@ def _refiner(args: argparse.Namespace, device: str):
         )
     try:
         return CRMRefiner.from_checkpoint(path, device, **kwargs), path
-    except CheckpointError as e:
+    except ValueError as e:  # CheckpointError, bad scales or architecture
         raise _fail(str(e)) from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from crm_d2.io import check_output_dir
     from crm_d2.tool import init_distributed, run_evaluation
     from crm_d2.tool.records import SettingsMismatch
+    from crm_d2.tool.report import timing_line
 
-    dist, device = init_distributed(args.device)
+    try:
+        dist, device = init_distributed(args.device)
+    except ValueError as e:
+        parser.error(f"argument --device: {e}")
+    try:
+        check_output_dir(args.output, "--output")
+    except ValueError as e:
+        raise _fail(str(e)) from e
     logging.basicConfig(
         level=logging.INFO if dist.rank == 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
@@ -277,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n*** {report['warning']} ***")
         print(
             f"\ncrm-eval: {report['images']} images, {report['segments']} segments "
-            f"({report['refined_segments']} refined), "
-            f"{report['timing']['wall_seconds']:.1f} s"
+            f"({report['refined_segments']} refined); {timing_line(report)}"
         )
         print(report["console"])
         print(f"reports: {report['outputs']['report']} and report.json")

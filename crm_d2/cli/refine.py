@@ -15,38 +15,11 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+
+from crm_d2.cli.args import non_negative_int, positive_float, positive_int, probability
+from crm_d2.io import check_output_file, read_image, read_mask, save_image
 
 logger = logging.getLogger("crm_d2.refine")
-
-
-def read_image(path: str) -> np.ndarray:
-    """An image file -> HxWx3 uint8 RGB (gray and RGBA are converted, alpha dropped)."""
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I", "F"):
-            raise ValueError(f"{path}: {im.mode} images are not supported, save as 8-bit")
-        return np.asarray(im.convert("RGB"))
-
-
-def read_mask(path: str) -> np.ndarray:
-    """A mask file -> HxW uint8 0..255.
-
-    Gray masks are used as they are; RGB(A) masks use their alpha channel when it is not
-    constant (a cut-out), else their luminance. A 0/1 mask is scaled to 0/255.
-    """
-    with Image.open(path) as im:
-        if im.mode == "P":
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA"):
-            alpha = np.asarray(im.getchannel("A"))
-            if alpha.min() != alpha.max():
-                return alpha.copy()
-        if im.mode == "1":
-            return np.asarray(im, dtype=np.uint8) * 255
-        m = np.asarray(im.convert("L")).copy()
-    if m.max() == 1:
-        m *= 255
-    return m
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,27 +27,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="crm-refine",
-        description="Refine a coarse segmentation mask with CRM (Continuous Refinement Model).",
+        description="Refine a coarse segmentation mask with CRM (Continuous Refinement Model). "
+        "Images are read upright (EXIF orientation applied, as detectron2 does); masks follow "
+        "crm_d2's one reading rule (gray 0..255 or 0/1, 16-bit, palette index > 0, coloured "
+        "non-zero, cut-out alpha: see the README).",
     )
     p.add_argument("image", help="input image (any format Pillow reads)")
-    p.add_argument("mask", help="coarse mask of the same size (gray 0..255, 0/1, or RGBA alpha)")
-    p.add_argument("-o", "--output", required=True, help="refined mask (PNG)")
+    p.add_argument("mask", help="coarse mask of the same size")
+    p.add_argument("-o", "--output", required=True,
+                   help="refined mask, a lossless image file (.png, .tif, .bmp)")
     p.add_argument("--weights", default=None,
                    help="CRM checkpoint: the official model_45705, or a crm_d2 checkpoint "
                         "(default: the weights shipped with crm_d2, if any)")
-    p.add_argument("--scales", type=float, nargs="+", default=None,
+    p.add_argument("--scales", type=positive_float, nargs="+", default=None,
                    help="input scales, coarse to fine (default: the checkpoint's, else "
                         f"{' '.join(map(str, DEFAULT_SCALES))})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=probability, default=None,
                    help="write a binary 0/255 mask (prob > T) instead of probabilities")
     p.add_argument("--overlay", default=None,
                    help="also write a before/after picture (coarse red, refined green)")
-    p.add_argument("--overlay-max-side", type=int, default=1600,
-                   help="longest side of the overlay picture in pixels (0 = full size)")
+    p.add_argument("--overlay-max-side", type=non_negative_int, default=1600,
+                   help="longest side of the overlay's overview in pixels (0 = full resolution)")
+    p.add_argument("--overlay-zoom", type=non_negative_int, default=512,
+                   help="when the overview is shrunk, add below it this many pixels square of "
+                        "the region that changed most, at full resolution (0 = no zoom)")
     p.add_argument("--exact", action="store_true",
                    help="run the authors' arithmetic to the letter (slower, same result ~1e-6)")
-    p.add_argument("--chunk-size", type=int, default=None, help="queries per decoder call")
+    p.add_argument("--chunk-size", type=positive_int, default=None,
+                   help="queries per decoder call")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the memory estimate exceeds the available memory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -94,42 +77,78 @@ def _resolve_weights(weights: str | None) -> str:
     return default
 
 
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"crm-refine: {message}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from tqdm import tqdm
+    from crm_d2.distributed import check_device
 
-    from crm_d2 import CRMRefiner
-    from crm_d2.checkpoint import CheckpointError
-
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        raise SystemExit(f"crm-refine: --threshold must be in [0, 1], got {args.threshold}")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(f"argument --device: {e}")
     for path in (args.image, args.mask):
         if not os.path.isfile(path):
-            raise SystemExit(f"crm-refine: no such file: {path}")
+            raise _fail(f"no such file: {path}")
+    inputs = (args.image, args.mask) + ((args.weights,) if args.weights else ())
+    try:
+        check_output_file(args.output, "--output", inputs=inputs, lossless=True)
+        if args.overlay:
+            check_output_file(args.overlay, "--overlay", inputs=(*inputs, args.output))
+    except ValueError as e:
+        raise _fail(str(e)) from e
+
+    logger.info("reading %s and %s", args.image, args.mask)
     try:
         image = read_image(args.image)
         mask = read_mask(args.mask)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"crm-refine: cannot read input: {e}") from e
+        raise _fail(f"cannot read input: {e}") from e
     if image.shape[:2] != mask.shape:
-        raise SystemExit(
-            f"crm-refine: image is {image.shape[1]}x{image.shape[0]} (WxH) but mask is "
-            f"{mask.shape[1]}x{mask.shape[0]}; resize the mask to the image first"
+        raise _fail(
+            f"image is {image.shape[1]}x{image.shape[0]} (WxH, EXIF orientation applied) but "
+            f"mask is {mask.shape[1]}x{mask.shape[0]}; resize the mask to the image first"
         )
+    h, w = mask.shape
+
+    from tqdm import tqdm
+
+    from crm_d2 import CRMRefiner
+    from crm_d2.memory import check_memory
+
     kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
     if args.scales is not None:
         kwargs["scales"] = args.scales
+    weights = _resolve_weights(args.weights)
+    logger.info("loading CRM weights %s", weights)
     try:
-        refiner = CRMRefiner.from_checkpoint(_resolve_weights(args.weights), args.device,
-                                             **kwargs)
-    except CheckpointError as e:
-        raise SystemExit(f"crm-refine: {e}") from e
+        refiner = CRMRefiner.from_checkpoint(weights, args.device, **kwargs)
+    except ValueError as e:  # CheckpointError and bad scales / architecture alike
+        raise _fail(str(e)) from e
+    try:
+        need = check_memory(
+            h, w, refiner.arch, refiner.scales, refiner.device,
+            what=f"{args.image} ({w}x{h})",
+            helps="Refine a downscaled copy of the image (and mask), leave out the finest "
+                  "scale (e.g. --scales 0.125 0.25 0.5), or use a machine or GPU with more "
+                  "memory; --no-memory-check runs anyway.",
+        )
+    except MemoryError as e:
+        if not args.no_memory_check:
+            raise _fail(str(e)) from e
+        logger.warning("%s (--no-memory-check: running anyway)", e)
+        need = None
 
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
+        if done == 0:
+            logger.info("%s: encoding, then decoding in %d chunk(s)", stage, total)
         if args.quiet:
             return
         bar = bars.get(stage)
@@ -139,9 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if done == total:
             bar.close()
 
-    h, w = mask.shape
-    logger.info("refining %s (%dx%d) with scales %s on %s", args.image, w, h,
-                refiner.scales, refiner.device)
+    logger.info(
+        "refining %dx%d (reflect-padded to %dx%d) with scales %s on %s%s", w, h, w + 64, h + 64,
+        refiner.scales, refiner.device,
+        "" if need is None else f", about {need / 2**30:.1f} GiB of memory",
+    )
     t0 = time.perf_counter()
     prob = refiner.refine(image, mask, exact=args.exact, progress=progress)
     logger.info("refined in %.2f s", time.perf_counter() - t0)
@@ -150,16 +171,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = np.round(prob * 255).astype(np.uint8)
     else:
         out = (prob > args.threshold).astype(np.uint8) * 255
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    Image.fromarray(out).save(args.output)
-    logger.info("wrote %s", args.output)
-    if args.overlay:
-        from crm_d2.visualize import before_after
+    try:
+        save_image(args.output, out)
+        logger.info("wrote %s", args.output)
+        if args.overlay:
+            from crm_d2.visualize import before_after_zoom
 
-        pic = before_after(image, mask > 127, prob > 0.5, max_side=args.overlay_max_side)
-        os.makedirs(os.path.dirname(os.path.abspath(args.overlay)), exist_ok=True)
-        Image.fromarray(pic).save(args.overlay)
-        logger.info("wrote %s", args.overlay)
+            pic = before_after_zoom(image, mask > 127, prob > 0.5,
+                                    max_side=args.overlay_max_side, zoom=args.overlay_zoom)
+            save_image(args.overlay, pic)
+            logger.info("wrote %s", args.overlay)
+    except OSError as e:
+        raise _fail(
+            f"cannot write the output ({e}); any earlier file at that path is unchanged"
+        ) from e
     return 0
 
 

@@ -146,6 +146,7 @@ def coco_mask_ap(
     class_agnostic: bool = False,
     iou_type: Literal["segm", "boundary"] = "segm",
     dilation_ratio: float = 0.02,
+    label: str = "",
 ) -> dict[str, float]:
     """COCO instance-mask AP of ``results`` against ``gt``.
 
@@ -159,6 +160,7 @@ def coco_mask_ap(
         iou_type: ``"segm"`` (mask AP, pycocotools) or ``"boundary"`` (Boundary AP,
             faster-coco-eval, which must be installed).
         dilation_ratio: boundary width relative to the image diagonal (``boundary`` only).
+        label: what is evaluated, named in the logged line (e.g. ``"after (refined)"``).
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in percent (0..100), as detectron2's
@@ -181,9 +183,10 @@ def coco_mask_ap(
         stats = _evaluate_boundary(gt_dict, res, dilation_ratio)
     out = _stats_to_dict(stats)
     logger.info(
-        "COCO %s AP%s: %s",
+        "COCO %s AP%s%s: %s",
         iou_type,
         " (class-agnostic)" if class_agnostic else "",
+        f" of {label}" if label else "",
         ", ".join(f"{k} {v:.2f}" for k, v in out.items()),
     )
     return out

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from ..io import save_image
 from .binary import boundary_dilation, mask_to_boundary
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "pq_compute",
     "read_panoptic_png",
     "rgb2id",
+    "segment_areas",
     "write_panoptic_png",
 ]
 
@@ -96,8 +98,8 @@ def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_panoptic_png(path: str | os.PathLike, ids: np.ndarray) -> None:
-    """Write ``(H, W)`` segment ids as a COCO panoptic (RGB) PNG."""
-    Image.fromarray(id2rgb(ids)).save(path)
+    """Write ``(H, W)`` segment ids as a COCO panoptic (RGB) PNG (atomically)."""
+    save_image(path, id2rgb(ids))
 
 
 @dataclass
@@ -171,6 +173,51 @@ def _boundary_map(ids: np.ndarray, segment_ids: Iterable[int], dilation: int) ->
     return out
 
 
+def segment_areas(
+    ids: np.ndarray,
+    segments_info: Sequence[Mapping[str, Any]],
+    categories: Mapping[int, Any],
+    image_id: Any,
+) -> dict[int, int]:
+    """Pixel area of every segment of a predicted panoptic map, with panopticapi's checks.
+
+    Args:
+        ids: (H, W) segment-id map (read from the prediction PNG).
+        segments_info: the prediction JSON's segments of that image.
+        categories: known categories by id.
+        image_id: for the messages.
+
+    Returns:
+        {segment id: area} for every non-VOID segment.
+
+    Raises:
+        ValueError: when an id of the map is not in ``segments_info`` (VOID excepted), a segment
+            of ``segments_info`` is absent from the map, or a category is unknown.
+    """
+    pred_segms = {int(el["id"]): el for el in segments_info}
+    areas: dict[int, int] = {}
+    labels, counts = np.unique(ids, return_counts=True)
+    for label, count in zip(labels.tolist(), counts.tolist()):
+        if label not in pred_segms:
+            if label == VOID:
+                continue
+            raise ValueError(
+                f"image {image_id}: segment id {label} is in the prediction PNG but not in its JSON"
+            )
+        if pred_segms[label]["category_id"] not in categories:
+            raise ValueError(
+                f"image {image_id}: predicted segment {label} has unknown category_id "
+                f"{pred_segms[label]['category_id']}"
+            )
+        areas[label] = count
+    missing = sorted(set(pred_segms) - set(areas))
+    if missing:
+        raise ValueError(
+            f"image {image_id}: segment ids {missing} are in the prediction JSON but not in its PNG"
+        )
+    return areas
+
+
 def _image_stats(
     gt_ann: Mapping[str, Any],
     pred_ann: Mapping[str, Any],
@@ -190,28 +237,7 @@ def _image_stats(
         )
     gt_segms = {int(el["id"]): el for el in gt_ann["segments_info"]}
     pred_segms = {int(el["id"]): el for el in pred_ann["segments_info"]}
-
-    # Predicted areas from the PNG, with panopticapi's sanity checks.
-    pred_area: dict[int, int] = {}
-    labels, counts = np.unique(pan_pred, return_counts=True)
-    for label, count in zip(labels.tolist(), counts.tolist()):
-        if label not in pred_segms:
-            if label == VOID:
-                continue
-            raise ValueError(
-                f"image {image_id}: segment id {label} is in the prediction PNG but not in its JSON"
-            )
-        if pred_segms[label]["category_id"] not in categories:
-            raise ValueError(
-                f"image {image_id}: predicted segment {label} has unknown category_id "
-                f"{pred_segms[label]['category_id']}"
-            )
-        pred_area[label] = count
-    missing = sorted(set(pred_segms) - set(pred_area))
-    if missing:
-        raise ValueError(
-            f"image {image_id}: segment ids {missing} are in the prediction JSON but not in its PNG"
-        )
+    pred_area = segment_areas(pan_pred, pred_ann["segments_info"], categories, image_id)
 
     gt_pred = _pair_counts(pan_gt, pan_pred)
 
@@ -314,6 +340,7 @@ def _pq(
     iou_type: Literal["segm", "boundary"],
     dilation_ratio: float,
     workers: int,
+    label: str = "",
 ) -> dict[str, Any]:
     gt = _load_json(gt_json, "gt_json")
     pred = _load_json(pred_json, "pred_json")
@@ -367,7 +394,7 @@ def _pq(
             results["per_class"] = per_class
     logger.info(
         "%s | %5s %5s %5s %4s\n%s",
-        "Boundary PQ" if iou_type == "boundary" else "PQ",
+        ("Boundary PQ" if iou_type == "boundary" else "PQ") + (f" of {label}" if label else ""),
         "PQ",
         "SQ",
         "RQ",
@@ -389,6 +416,7 @@ def pq_compute(
     categories: Sequence[Mapping[str, Any]] | Mapping[int, Mapping[str, Any]] | None = None,
     *,
     workers: int = 1,
+    label: str = "",
 ) -> dict[str, Any]:
     """Panoptic quality with panopticapi's ``pq_compute`` definitions (see the module docstring).
 
@@ -403,13 +431,16 @@ def pq_compute(
         categories: list of category dicts (``id``, ``isthing``) or dict id -> category; by default
             ``gt_json["categories"]``, as panopticapi does.
         workers: processes to use (1: in this process).
+        label: what is evaluated, named in the logged table (e.g. ``"before (coarse)"``).
 
     Returns:
         ``{"All" | "Things" | "Stuff": {"pq", "sq", "rq": fraction, "n": number of categories},
         "per_class": {category_id: {"pq", "sq", "rq"}}}``. Where panopticapi would divide by
         ``n = 0`` (e.g. "Stuff" with no stuff category), the averages are NaN.
     """
-    return _pq(gt_json, gt_folder, pred_json, pred_folder, categories, "segm", 0.02, workers)
+    return _pq(
+        gt_json, gt_folder, pred_json, pred_folder, categories, "segm", 0.02, workers, label
+    )
 
 
 def boundary_pq(
@@ -421,6 +452,7 @@ def boundary_pq(
     *,
     dilation_ratio: float = 0.02,
     workers: int = 1,
+    label: str = "",
 ) -> dict[str, Any]:
     """Boundary PQ: :func:`pq_compute` with the pair IoU replaced by min(mask IoU, Boundary IoU).
 
@@ -429,5 +461,6 @@ def boundary_pq(
     width relative to the image diagonal.
     """
     return _pq(
-        gt_json, gt_folder, pred_json, pred_folder, categories, "boundary", dilation_ratio, workers
+        gt_json, gt_folder, pred_json, pred_folder, categories, "boundary", dilation_ratio, workers,
+        label,
     )

@@ -16,14 +16,21 @@ sharded across processes.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..coarse import BINARY_LEVEL, CoarseKind
 
-__all__ = ["CoarseSpec", "image_seed_key", "paint_soft_segments"]
+__all__ = [
+    "CoarseSpec",
+    "image_seed_key",
+    "paint_soft_segments",
+    "render_instances",
+    "render_panoptic",
+]
 
 
 @dataclass(frozen=True)
@@ -101,3 +108,59 @@ def paint_soft_segments(soft: Sequence[np.ndarray], ids: Sequence[int]) -> np.nd
         out[take] = ids[i]
         best[take] = value[take]
     return out
+
+
+def render_instances(
+    spec: CoarseSpec, gt_masks: Sequence[np.ndarray], image_id: int | str
+) -> list[tuple[int, np.ndarray]]:
+    """Coarse soft masks of an image's ground-truth instances (crowd regions left out by the
+    caller), without those that come out empty.
+
+    Args:
+        spec: how the coarse masks are made.
+        gt_masks: (H, W) bool masks, in annotation order.
+        image_id: the image's id (seeds ``perturb``).
+
+    Returns:
+        (index into ``gt_masks``, (H, W) uint8 soft mask) for every mask whose binary part
+        (``soft >= BINARY_LEVEL``) is not empty.
+    """
+    seed_key = image_seed_key(image_id)
+    out = []
+    for j, gt in enumerate(gt_masks):
+        soft = spec.render(gt, (seed_key, j))
+        if (soft >= BINARY_LEVEL).any():
+            out.append((j, soft))
+    return out
+
+
+def render_panoptic(
+    spec: CoarseSpec,
+    gt_ids: np.ndarray,
+    segments: Sequence[Mapping[str, Any]],
+    image_id: int | str,
+) -> tuple[np.ndarray, list[dict], dict[int, np.ndarray]]:
+    """Coarse panoptic map of an image made from its ground-truth id map.
+
+    Every non-crowd segment is rendered (:meth:`CoarseSpec.render`) and the soft masks are
+    painted into one map (:func:`paint_soft_segments`); crowd regions and unclaimed pixels
+    are VOID (0).
+
+    Args:
+        spec: how the coarse masks are made.
+        gt_ids: (H, W) int ground-truth segment ids.
+        segments: the ground truth's ``segments_info`` (``id``, ``iscrowd``, ...).
+        image_id: the image's id (seeds ``perturb``).
+
+    Returns:
+        The (H, W) int64 coarse id map, copies of the segments present in it (ground-truth
+        order) and their soft masks by id.
+    """
+    seed_key = image_seed_key(image_id)
+    sources = [s for s in segments if not s.get("iscrowd", 0)]
+    ids = [int(s["id"]) for s in sources]
+    soft = [spec.render(gt_ids == i, (seed_key, i)) for i in ids]
+    coarse = paint_soft_segments(soft, ids) if soft else np.zeros(gt_ids.shape, np.int64)
+    present = set(np.unique(coarse).tolist())
+    kept = [dict(s) for s in sources if int(s["id"]) in present]
+    return coarse, kept, {i: m for i, m in zip(ids, soft) if i in present}

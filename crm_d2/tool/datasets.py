@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -28,9 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..evaluation.panoptic import read_panoptic_png
+from ..evaluation.panoptic import read_panoptic_png, segment_areas
 
 __all__ = [
     "BigSet",
@@ -38,8 +38,8 @@ __all__ = [
     "CocoPanopticSet",
     "ImageItem",
     "decode_segmentation",
-    "read_gray",
-    "read_rgb",
+    "rle_counts",
+    "rle_problem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,27 +74,19 @@ def safe_key(value: Any) -> str:
     return text or "image"
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """An image file -> (H, W, 3) uint8 RGB (gray and RGBA converted, alpha dropped)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def read_gray(path: str) -> np.ndarray:
-    """A mask file -> (H, W) uint8 0..255 (RGB masks are converted to luminance)."""
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I", "F"):
-            raise ValueError(f"{path}: {im.mode} masks are not supported, save them as 8-bit")
-        if im.mode == "P":
-            im = im.convert("RGB")
-        return np.asarray(im.convert("L"))
-
-
 def _load_json(path: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{what} {path!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}, "
+            f"of {os.path.getsize(path)} bytes): the file is truncated or not JSON"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text: not a JSON file") from e
 
 
 def _check_dir(path: str, what: str) -> None:
@@ -123,6 +115,76 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
         raise ValueError(f"unknown COCO segmentation of type {type(segm).__name__}")
     # pycocotools decodes to Fortran order; OpenCV-based consumers need C order
     return np.ascontiguousarray(mask_utils.decode(rle), dtype=bool)
+
+
+def rle_counts(counts: str | bytes) -> np.ndarray:
+    """The run lengths of a compressed COCO RLE ``counts`` string, as int64.
+
+    The format (pycocotools' ``rleToString``): each run is written in 5-bit groups, least
+    significant first, as characters ``48 + group`` with bit 0x20 set on every group but the
+    last; bit 0x10 of the last group is the sign; from the fourth run on, the value stored is
+    the difference to the run two places before.
+
+    Raises:
+        ValueError: on characters outside the format or a run cut off at the end.
+    """
+    raw = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else counts, np.uint8)
+    if raw.size == 0:
+        return np.zeros(0, np.int64)
+    c = raw.astype(np.int64) - 48
+    if c.min() < 0 or c.max() > 63:
+        raise ValueError("counts string holds characters outside the COCO RLE alphabet")
+    last = (c & 0x20) == 0  # the last group of a run
+    if not last[-1]:
+        raise ValueError("counts string ends inside a run (truncated)")
+    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))
+    group = np.cumsum(np.concatenate(([0], last[:-1].astype(np.int64))))
+    k = np.arange(c.size) - starts[group]  # position of each group within its run
+    if k.max() > 11:
+        raise ValueError("counts string holds a run longer than 60 bits")
+    values = np.add.reduceat((c & 0x1F) << (5 * k), starts)
+    ends = np.flatnonzero(last)
+    negative = (c[ends] & 0x10) != 0
+    values = values - negative * (np.int64(1) << (5 * (k[ends] + 1)))
+    out = values.copy()
+    for first in (1, 2):  # runs 3, 5, ... and 4, 6, ... are stored as differences
+        chain = out[first::2]
+        out[first::2] = np.cumsum(chain)
+    return out
+
+
+def rle_problem(segm: Mapping[str, Any]) -> str | None:
+    """What is wrong with an RLE ``segmentation`` (None when it is valid).
+
+    A valid RLE has ``size`` [H, W] with H, W >= 1 and non-negative ``counts`` (compressed
+    string or list) that sum to exactly H * W.
+    """
+    size = segm.get("size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and v >= 1 for v in size)):
+        return f"its RLE 'size' must be [height, width] with positive integers, got {size!r}"
+    counts = segm.get("counts")
+    try:
+        if isinstance(counts, (str, bytes)):
+            runs = rle_counts(counts)
+        elif isinstance(counts, list) and all(isinstance(v, int) for v in counts):
+            runs = np.asarray(counts, np.int64)
+        else:
+            kind = type(counts).__name__
+            return f"its RLE 'counts' must be a string or a list of integers, got {kind}"
+    except ValueError as e:
+        return f"its RLE 'counts' cannot be decoded ({e})"
+    h, w = size
+    if runs.size == 0:
+        return "its RLE 'counts' is empty"
+    if runs.min() < 0:
+        return f"its RLE 'counts' holds a negative run ({int(runs.min())})"
+    if int(runs.sum()) != h * w:
+        return (
+            f"its RLE 'counts' sum to {int(runs.sum())} pixels, but size {list(size)} has "
+            f"{h * w} (truncated or corrupt mask)"
+        )
+    return None
 
 
 def _index_images(images: Sequence[Mapping], images_dir: str) -> list[ImageItem]:
@@ -170,11 +232,25 @@ class CocoInstanceSet:
         if predictions is not None:
             results = _load_json(predictions, "predictions JSON")
             if not isinstance(results, list):
+                hint = (
+                    f" with keys {sorted(map(str, results))[:6]}"
+                    if isinstance(results, dict) else ""
+                )
                 raise ValueError(
                     f"{predictions} must hold a list of COCO results (detectron2's "
-                    "coco_instances_results.json), got a {type(results).__name__}"
+                    f"coco_instances_results.json), got a {type(results).__name__}{hint}"
                 )
-            self._preds = _group_results(results, {it.image_id for it in self.items}, predictions)
+            if not results:
+                logger.warning(
+                    "%s holds no results: nothing will be refined and every 'before' and "
+                    "'after' AP will be 0",
+                    predictions,
+                )
+            sizes = {
+                it.image_id: None if it.height is None else (it.height, it.width)
+                for it in self.items
+            }
+            self._preds = _group_results(results, sizes, predictions)
 
     def annotations(self, image_id: Any) -> list[dict]:
         """Ground-truth annotations of one image (JSON order)."""
@@ -200,10 +276,28 @@ def _gt_subset(gt: dict, image_ids: Iterable[Any]) -> dict:
     return out
 
 
-def _group_results(results: list, image_ids: set, path: str) -> dict[Any, list[dict]]:
+def _finite_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
+def _group_results(
+    results: list, sizes: Mapping[Any, tuple[int, int]], path: str
+) -> dict[Any, list[dict]]:
+    """Results grouped by image, each validated (keys, RLE, score, size) before any work.
+
+    Args:
+        results: the results list.
+        sizes: (height, width) of every ground-truth image by id (results for other ids are
+            counted and ignored).
+        path: the results file, for messages.
+    """
     grouped: dict[Any, list[dict]] = defaultdict(list)
     unknown = 0
     for i, r in enumerate(results):
+        if not isinstance(r, Mapping):
+            raise ValueError(f"{path}: result {i} is a {type(r).__name__}, not a dict")
         for key in ("image_id", "category_id", "score"):
             if key not in r:
                 raise ValueError(f"{path}: result {i} has no '{key}'")
@@ -213,9 +307,23 @@ def _group_results(results: list, image_ids: set, path: str) -> dict[Any, list[d
                 f"{path}: result {i} has no RLE 'segmentation' (a box-only detection file?); "
                 "crm-eval refines masks"
             )
-        if r["image_id"] not in image_ids:
+        if r["image_id"] not in sizes:
             unknown += 1
             continue
+        problem = rle_problem(seg)
+        if problem is None and not _finite_number(r["score"]):
+            problem = f"its score {r['score']!r} is not a finite number"
+        expected = sizes[r["image_id"]]
+        if problem is None and expected is not None and tuple(seg["size"]) != expected:
+            problem = (
+                f"its RLE size {list(seg['size'])} differs from the image's {list(expected)} "
+                "(height, width)"
+            )
+        if problem is not None:
+            raise ValueError(
+                f"{path}: result {i} (image_id {r['image_id']!r}, category_id "
+                f"{r['category_id']!r}): {problem}. Nothing was refined; fix or drop that result"
+            )
         grouped[r["image_id"]].append(r)
     if unknown:
         logger.warning(
@@ -264,12 +372,55 @@ class CocoPanopticSet:
             )
         self.items = _index_images(images, images_dir)
         self.pred_dir = pred_dir
+        self.pred_json = pred_json
         self._pred_anns: dict[Any, dict] | None = None
         if pred_json is not None:
             _check_dir(pred_dir, "panoptic prediction PNG folder")
             pred = _load_json(pred_json, "panoptic prediction JSON")
-            anns = pred["annotations"] if isinstance(pred, Mapping) else pred
+            anns = pred.get("annotations") if isinstance(pred, Mapping) else pred
+            if not isinstance(anns, list) or not all(isinstance(a, Mapping) for a in anns):
+                raise ValueError(
+                    f"{pred_json} must hold a COCO panoptic prediction JSON (a dict with an "
+                    "'annotations' list, or that list)"
+                )
+            for i, a in enumerate(anns):
+                for key in ("image_id", "file_name", "segments_info"):
+                    if key not in a:
+                        raise ValueError(f"{pred_json}: annotation {i} has no '{key}'")
+            if not anns:
+                logger.warning("%s holds no annotations", pred_json)
             self._pred_anns = {a["image_id"]: a for a in anns}
+
+    def validate_predictions(self, items: Sequence[ImageItem]) -> None:
+        """Check the predictions of ``items`` before any refinement: every image has an entry
+        in the prediction JSON and a PNG of its size whose segment ids are exactly those of
+        its ``segments_info`` (VOID aside), with known categories.
+
+        Raises:
+            ValueError: naming the first image whose prediction is wrong.
+        """
+        if self._pred_anns is None:
+            return
+        for item in items:
+            ann = self._pred_anns.get(item.image_id)
+            if ann is None:
+                raise ValueError(
+                    f"{self.pred_json} has no entry for image {item.image_id!r} "
+                    f"({item.file_name}); nothing was refined"
+                )
+            path = os.path.join(self.pred_dir, ann["file_name"])
+            if not os.path.isfile(path):
+                raise ValueError(f"prediction PNG {path} of image {item.image_id!r} is missing")
+            ids = read_panoptic_png(path)
+            if item.height is not None and ids.shape != (item.height, item.width):
+                raise ValueError(
+                    f"prediction PNG {path} is {ids.shape[1]}x{ids.shape[0]} (WxH) but image "
+                    f"{item.image_id!r} is {item.width}x{item.height}"
+                )
+            try:
+                segment_areas(ids, ann["segments_info"], self.categories, item.image_id)
+            except ValueError as e:
+                raise ValueError(f"{self.pred_json} / {path}: {e}; nothing was refined") from e
 
     def png_name(self, item: ImageItem) -> str:
         """File name of the image's panoptic PNG (the ground truth's; outputs reuse it)."""

@@ -34,8 +34,9 @@ from ..evaluation.binary import (
 from ..evaluation.panoptic import write_panoptic_png
 from ..fusion import RefinedSegment, expand_box, fuse_instances, fuse_panoptic, mask_to_box
 from ..inference import CRMRefiner
-from .coarse import BINARY_LEVEL, CoarseSpec, image_seed_key, paint_soft_segments
-from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation, read_gray, read_rgb
+from ..io import read_image, read_mask, save_image
+from .coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
+from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation
 from .matching import match_instances, match_panoptic, rle_encode
 from .records import OutputLayout
 from .refine import RefineSettings, refine_masks
@@ -74,7 +75,7 @@ class ProcessContext:
 def _read_image(item: ImageItem) -> np.ndarray:
     if not os.path.isfile(item.image_path):
         raise ValueError(f"image {item.image_path} (id {item.image_id}) does not exist")
-    image = read_rgb(item.image_path)
+    image = read_image(item.image_path)
     if item.height is not None and image.shape[:2] != (item.height, item.width):
         raise ValueError(
             f"{item.image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its annotation "
@@ -167,18 +168,14 @@ def process_instances(ctx: ProcessContext, dataset: CocoInstanceSet, item: Image
     gt_masks = [decode_segmentation(a["segmentation"], *shape) for a in anns]
     vanished = 0
     if ctx.coarse is not None:
-        seed_key = image_seed_key(item.image_id)
-        preds, soft, gt_of = [], [], []
-        for j, (ann, gt) in enumerate(zip(anns, gt_masks)):
-            s = ctx.coarse.render(gt, (seed_key, j))
-            if not (s >= BINARY_LEVEL).any():
-                vanished += 1
-                continue
-            preds.append(
-                {"image_id": item.image_id, "category_id": ann["category_id"], "score": 1.0}
-            )
-            soft.append(s)
-            gt_of.append(j)
+        rendered = render_instances(ctx.coarse, gt_masks, item.image_id)
+        vanished = len(gt_masks) - len(rendered)
+        gt_of = [j for j, _ in rendered]
+        soft = [s for _, s in rendered]
+        preds = [
+            {"image_id": item.image_id, "category_id": anns[j]["category_id"], "score": 1.0}
+            for j in gt_of
+        ]
         binary = [s >= BINARY_LEVEL for s in soft]
     else:
         preds = dataset.predictions(item.image_id)
@@ -282,21 +279,12 @@ def process_panoptic(ctx: ProcessContext, dataset: Any, item: ImageItem) -> dict
 
     soft_by_id: dict[int, np.ndarray] = {}
     if ctx.coarse is not None:
-        seed_key = image_seed_key(item.image_id)
-        sources = [s for s in gt_segments if not s.get("iscrowd", 0)]
-        soft = [
-            ctx.coarse.render(gt_ids == int(s["id"]), (seed_key, int(s["id"]))) for s in sources
-        ]
-        ids = [int(s["id"]) for s in sources]
-        coarse_ids = paint_soft_segments(soft, ids) if soft else np.zeros(shape, np.int64)
-        present = set(np.unique(coarse_ids).tolist())
+        coarse_ids, kept, soft_by_id = render_panoptic(
+            ctx.coarse, gt_ids, gt_segments, item.image_id
+        )
         coarse_segments = [
-            {"id": int(s["id"]), "category_id": int(s["category_id"])}
-            for s in sources
-            if int(s["id"]) in present
+            {"id": int(s["id"]), "category_id": int(s["category_id"])} for s in kept
         ]
-        soft_by_id = {i: s for i, s in zip(ids, soft) if i in present}
-        del soft
         coarse_segments = _segments_out(coarse_ids, coarse_segments)
         coarse_png = os.path.join(ctx.layout.dir("coarse_panoptic"), png)
         write_panoptic_png(coarse_png, coarse_ids)
@@ -380,9 +368,9 @@ def process_big(ctx: ProcessContext, dataset: BigSet, item: ImageItem) -> dict:
     """
     t0 = time.perf_counter()
     paths = dataset.paths[item.key]
-    image = read_rgb(paths.image)
-    coarse = read_gray(paths.coarse)
-    gt = read_gray(paths.gt)
+    image = read_image(paths.image)
+    coarse = read_mask(paths.coarse)
+    gt = read_mask(paths.gt)
     shape = image.shape[:2]
     for mask, what in ((coarse, paths.coarse), (gt, paths.gt)):
         if mask.shape != shape:
@@ -403,9 +391,7 @@ def process_big(ctx: ProcessContext, dataset: BigSet, item: ImageItem) -> dict:
     answer = apply_empty_coarse_rule(coarse, out)
     used_refined = bool(refined) and answer is out
     refined_png = os.path.join(ctx.layout.dir("refined"), f"{item.image_id}_refined.png")
-    from PIL import Image
-
-    Image.fromarray(answer).save(refined_png)
+    save_image(refined_png, answer)
     before = object_scores(coarse, gt)
     after = object_scores(answer, gt) if used_refined else before
     crop = _crop_box([coarse > 128, answer > 128, gt > 128], shape)

@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .. import io
+
 __all__ = ["OutputLayout", "RecordStore", "SettingsMismatch", "write_json"]
 
 
@@ -48,11 +50,8 @@ def _finite(obj: Any) -> Any:
 
 
 def write_json(path: str, obj: Any, indent: int | None = None) -> None:
-    """Write ``obj`` as strict JSON (NaN -> null) atomically (temporary file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_finite(obj), f, indent=indent, allow_nan=False)
-    os.replace(tmp, path)
+    """Write ``obj`` as strict JSON (NaN -> null) atomically (:func:`crm_d2.io.write_json`)."""
+    io.write_json(path, _finite(obj), indent=indent)
 
 
 @dataclass(frozen=True)
@@ -122,9 +121,11 @@ class RecordStore:
                 diff = sorted(
                     k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
                 )
+                records = sum(name.endswith(".json") for name in os.listdir(self.dir))
                 raise SettingsMismatch(
-                    f"{os.path.dirname(path)} holds results made with other settings (differing: "
-                    f"{', '.join(diff)}); use another --output or --overwrite"
+                    f"{os.path.dirname(path)} holds {records} cached per-image records made from "
+                    f"other inputs or settings (differing: {', '.join(diff)}); they are not "
+                    "reused. Use another --output, or --overwrite to discard them"
                 )
         elif create:
             write_json(path, wanted, indent=1)

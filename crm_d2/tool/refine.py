@@ -26,7 +26,7 @@ from ..fusion import RefinedSegment
 from ..inference import CRMRefiner
 from ..segments import ROIOptions, refine_segments
 
-__all__ = ["RefineSettings", "refine_masks"]
+__all__ = ["RefineSettings", "reduced_size", "refine_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class RefineSettings:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
 
 
-def _reduced_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+def reduced_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """(h, w) at which an (H, W) image is refined with ``max_side`` (None: unchanged)."""
     if max_side is None or max(height, width) <= max_side:
         return height, width
     s = max_side / max(height, width)
@@ -124,7 +125,7 @@ def refine_masks(
     selected = [i for i in range(n) if areas[i] > settings.roi.min_area]
     if not selected:
         return []
-    small = _reduced_size(height, width, settings.max_side)
+    small = reduced_size(height, width, settings.max_side)
     scaled = small != (height, width)
     img = image
     if scaled:

@@ -30,8 +30,9 @@ import numpy as np
 from ..evaluation.binary import BinaryMetrics, ObjectScores
 from ..evaluation.coco import coco_mask_ap
 from ..evaluation.panoptic import boundary_pq, pq_compute, read_panoptic_png
+from ..io import read_image, read_mask, save_image, write_text
 from ..visualize import before_after
-from .datasets import ImageItem, decode_segmentation, read_gray, read_rgb
+from .datasets import ImageItem, decode_segmentation
 from .records import OutputLayout, RecordStore, write_json
 
 __all__ = [
@@ -63,13 +64,14 @@ _AP_RUNS = (
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
-def instance_metrics(gt: dict, results: Sequence[dict]) -> dict[str, float]:
+def instance_metrics(gt: dict, results: Sequence[dict], label: str = "") -> dict[str, float]:
     """Mask AP and Boundary AP, class-aware and class-agnostic, keys ``"<run>/<AP key>"``
-    (``segm``, ``boundary``, ``segm_agnostic``, ``boundary_agnostic``), in percent."""
+    (``segm``, ``boundary``, ``segm_agnostic``, ``boundary_agnostic``), in percent. ``label``
+    names the predictions in the logs (``"before (coarse)"``, ``"after (refined)"``)."""
     out: dict[str, float] = {}
     for name, agnostic, iou_type, _ in _AP_RUNS:
         for key, value in coco_mask_ap(
-            gt, results, class_agnostic=agnostic, iou_type=iou_type
+            gt, results, class_agnostic=agnostic, iou_type=iou_type, label=label
         ).items():
             out[f"{name}/{key}"] = value
     return out
@@ -86,12 +88,15 @@ def instance_rows(before: dict, after: dict) -> list[Row]:
     return rows
 
 
-def panoptic_metrics(gt_json: Any, gt_dir: str, pred_json: Any, pred_dir: str) -> dict[str, float]:
+def panoptic_metrics(
+    gt_json: Any, gt_dir: str, pred_json: Any, pred_dir: str, label: str = ""
+) -> dict[str, float]:
     """PQ / SQ / RQ and Boundary PQ, keys ``"pq/<All|Things|Stuff>/<pq|sq|rq>"`` and
-    ``"bpq/..."``, in percent; per-class values are left out."""
+    ``"bpq/..."``, in percent; per-class values are left out. ``label`` names the predictions
+    in the logs."""
     out: dict[str, float] = {}
     for prefix, fn in (("pq", pq_compute), ("bpq", boundary_pq)):
-        res = fn(gt_json, gt_dir, pred_json, pred_dir)
+        res = fn(gt_json, gt_dir, pred_json, pred_dir, label=label)
         for split in ("All", "Things", "Stuff"):
             for key in ("pq", "sq", "rq"):
                 out[f"{prefix}/{split}/{key}"] = 100 * res[split][key]
@@ -278,7 +283,7 @@ def panoptic_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def big_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
-    return read_gray(record["coarse_png"]) > 128, read_gray(record["refined_png"]) > 128
+    return read_mask(record["coarse_png"]) > 128, read_mask(record["refined_png"]) > 128
 
 
 def write_overlays(
@@ -303,7 +308,7 @@ def write_overlays(
     for kind, key, obj in chosen:
         counters[kind] += 1
         record = store.read(key)
-        image = read_rgb(items[key].image_path)
+        image = read_image(items[key].image_path)
         coarse, refined = masks_of(record, obj)
         x0, y0, x1, y1 = obj["crop"]
         before, after = obj["before"]["iou"], obj["after"]["iou"]
@@ -314,11 +319,7 @@ def write_overlays(
             labels=(f"coarse IoU {before:.3f}", f"refined IoU {after:.3f}"),
         )
         name = f"{kind}_{counters[kind]:02d}_{key}_{obj['index']}.jpg"
-        cv2.imwrite(
-            os.path.join(folder, name),
-            cv2.cvtColor(pic, cv2.COLOR_RGB2BGR),
-            [cv2.IMWRITE_JPEG_QUALITY, 90],
-        )
+        save_image(os.path.join(folder, name), pic, quality=90)
         out.append(
             {
                 "kind": kind,
@@ -339,6 +340,26 @@ def _nan0(value: float | None) -> float:
     return 0.0 if value is None or math.isnan(value) else value
 
 
+def timing_line(report: dict) -> str:
+    """How long the run took; a resumed run says so and gives the refinement time of all its
+    images (the per-image times recorded in the cache, summed over every invocation)."""
+    t = report["timing"]
+    procs = f"{report['world_size']} process(es)"
+    resumed = t.get("resumed_images", 0)
+    if not resumed:
+        return (
+            f"wall time: {t['wall_seconds']:.1f} s on {procs}; refinement "
+            f"{t['seconds_per_image']:.2f} s per image"
+        )
+    return (
+        f"RESUMED run: {resumed} of {report['images']} images came from the cache of an earlier "
+        f"invocation; this invocation took {t['wall_seconds']:.1f} s on {procs} "
+        f"(refined {t.get('refined_images_this_run', 0)} images). Refinement of all "
+        f"{report['images']} images took {t['refine_seconds']:.1f} s in total "
+        f"({t['seconds_per_image']:.2f} s per image)"
+    )
+
+
 def write_markdown(path: str, report: dict, rows: Sequence[Row]) -> None:
     """Write the human-readable report (metrics table, settings, outputs, overlays)."""
     lines = ["# crm-eval report", ""]
@@ -350,8 +371,7 @@ def write_markdown(path: str, report: dict, rows: Sequence[Row]) -> None:
         f"- weights: {report['weights']}",
         f"- images: {report['images']}, predicted segments: {report['segments']}, "
         f"refined by CRM: {report['refined_segments']}",
-        f"- wall time: {report['timing']['wall_seconds']:.1f} s on {report['world_size']} "
-        f"process(es); refinement {report['timing']['seconds_per_image']:.2f} s per image",
+        f"- {timing_line(report)}",
         "",
         "## Metrics (percent)",
         "",
@@ -384,8 +404,7 @@ def write_markdown(path: str, report: dict, rows: Sequence[Row]) -> None:
                 f"![{ov['kind']}]({ov['file']})",
                 "",
             ]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_report_json(path: str, report: dict) -> None:

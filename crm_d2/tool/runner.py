@@ -10,6 +10,7 @@ folder that all of them see (a network file system).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import time
@@ -20,12 +21,14 @@ from typing import Any
 from ..distributed import DistInfo
 from ..distributed import init_distributed as _init_distributed
 from ..inference import CRMRefiner
+from ..io import image_size
+from ..memory import check_memory
 from .as_panoptic import InstancesAsPanoptic
 from .coarse import CoarseSpec
 from .datasets import BigSet, CocoInstanceSet, CocoPanopticSet, ImageItem
 from .process import ProcessContext, process_big, process_instances, process_panoptic
 from .records import OutputLayout, RecordStore, write_json
-from .refine import RefineSettings
+from .refine import RefineSettings, reduced_size
 from .report import (
     RANDOM_WEIGHTS_WARNING,
     big_masks,
@@ -51,6 +54,7 @@ __all__ = ["DistInfo", "EvalConfig", "init_distributed", "run_evaluation"]
 logger = logging.getLogger(__name__)
 
 DIST_TIMEOUT = datetime.timedelta(hours=24)  # the barrier waits for the slowest shard
+BEFORE, AFTER = "before (coarse input)", "after (refined by CRM)"  # names in the logs
 
 
 @dataclass
@@ -129,15 +133,29 @@ class EvalConfig:
                 ("big", self.big),
             )
         }
+        # What the files hold, not only their names: a changed ground truth, prediction or
+        # weights file (or an image / PNG folder) invalidates the cached records.
         stamps = {
-            f"{k}_file": _file_stamp(v)
+            f"{k}_sha256": _file_digest(v)
             for k, v in (
                 ("weights", self.weights),
+                ("coco_instances", self.coco_instances),
+                ("coco_panoptic", self.coco_panoptic),
                 ("predictions", self.predictions),
                 ("pred_json", self.pred_json),
             )
             if v and os.path.isfile(v)
         }
+        stamps.update(
+            (f"{k}_listing", _folder_stamp(v))
+            for k, v in (
+                ("images", self.images),
+                ("panoptic_dir", self.panoptic_dir),
+                ("pred_dir", self.pred_dir),
+                ("big", self.big),
+            )
+            if v and os.path.isdir(v)
+        )
         return {
             "mode": self.mode + (" (as panoptic)" if self.as_panoptic else ""),
             **{k: v for k, v in paths.items() if v},
@@ -148,6 +166,7 @@ class EvalConfig:
             "scales": list(
                 refiner.scales if self.settings.scales is None else self.settings.scales
             ),
+            "random_weights": self.random_weights,
             "expand_ratio": roi.expand_ratio,
             "min_area": roi.min_area,
             "size_multiple": roi.size_multiple,
@@ -155,10 +174,25 @@ class EvalConfig:
         }
 
 
-def _file_stamp(path: str) -> str:
-    """Size and modification time of an input file: a changed file invalidates the cache."""
-    st = os.stat(path)
-    return f"{st.st_size} bytes, modified {int(st.st_mtime)}"
+def _file_digest(path: str) -> str:
+    """SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_stamp(path: str) -> str:
+    """SHA-256 of a folder's listing (names, sizes, modification times; not recursive): a file
+    added, removed, replaced or edited in it changes the stamp."""
+    digest = hashlib.sha256()
+    with os.scandir(path) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.is_file():
+                st = entry.stat()
+                digest.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +202,39 @@ def init_distributed(device: str) -> tuple[DistInfo, str]:
     """:func:`crm_d2.distributed.init_distributed` with the evaluation tool's timeout (a day:
     the final barrier waits for the slowest shard)."""
     return _init_distributed(device, DIST_TIMEOUT)
+
+
+def check_dataset_memory(config: EvalConfig, items: list[ImageItem], refiner: CRMRefiner) -> None:
+    """Refuse, before any refinement, a set whose largest image (the largest possible ROI, at
+    ``--max-side`` if given) would not fit in memory (:func:`crm_d2.memory.check_memory`).
+
+    Raises:
+        ValueError: with the estimate and the options that help.
+    """
+    largest, size = None, (0, 0)
+    for item in items:
+        if item.height is not None:
+            hw = (item.height, item.width)
+        elif os.path.isfile(item.image_path):
+            hw = image_size(item.image_path)
+        else:
+            continue
+        if hw[0] * hw[1] > size[0] * size[1]:
+            largest, size = item, hw
+    if largest is None:
+        return
+    h, w = reduced_size(*size, config.settings.max_side)
+    scales = refiner.scales if config.settings.scales is None else config.settings.scales
+    try:
+        check_memory(
+            h, w, refiner.arch, scales, refiner.device,
+            what=f"image {largest.image_id!r} ({size[1]}x{size[0]}, the largest of the set"
+            + (f", refined at {w}x{h}" if (h, w) != size else "") + ")",
+            helps="--max-side N refines large images at reduced size (outputs and metrics stay "
+            "at full resolution); a coarser finest scale (--scales) also helps.",
+        )
+    except MemoryError as e:
+        raise ValueError(str(e)) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +310,10 @@ def run_evaluation(
     items = dataset.items[: config.limit] if config.limit else list(dataset.items)
     if not items:
         raise ValueError("the input has no images")
+    validate = getattr(dataset, "validate_predictions", None)
+    if validate is not None:  # panoptic predictions: checked before anything is refined
+        validate(items)
+    check_dataset_memory(config, items, refiner)
     layout = OutputLayout(config.output)
     os.makedirs(layout.root, exist_ok=True)
     store = RecordStore(layout)
@@ -251,7 +322,7 @@ def run_evaluation(
         if config.overwrite:
             n = store.clear()
             if n:
-                logger.info("--overwrite: removed %d cached records", n)
+                logger.warning("--overwrite: discarded %d cached per-image records", n)
         store.check_settings(settings, create=True)
     dist.barrier()
     if dist.rank != 0:
@@ -273,6 +344,7 @@ def run_evaluation(
     report["settings"]["processes"] = dist.world_size
     report["timing"]["wall_seconds"] = time.perf_counter() - t0
     report["timing"]["refined_images_this_run"] = done_now
+    report["timing"]["resumed_images"] = len(items) - done_now
     rows = [tuple(r) for r in report["table"]]
     write_report_json(layout.path("report.json"), report)
     write_markdown(layout.path("report.md"), report, rows)
@@ -330,8 +402,8 @@ def _evaluate(
                     f"({config.coarse.describe()}) and are not among the predictions"
                 )
         gt = dataset.subset(image_ids)
-        before = instance_metrics(gt, collected["coarse_results"])
-        after = instance_metrics(gt, collected["refined_results"])
+        before = instance_metrics(gt, collected["coarse_results"], label=BEFORE)
+        after = instance_metrics(gt, collected["refined_results"], label=AFTER)
         rows = instance_rows(before, after) + object_rows(summary)
         masks_of = instance_masks
         pairing = (
@@ -363,8 +435,10 @@ def _evaluate(
         outputs["refined panoptic"] = layout.path("refined_panoptic.json")
         write_json(outputs["refined panoptic"], refined_json)
         outputs["refined panoptic PNGs"] = layout.path("refined_panoptic")
-        before = panoptic_metrics(gt_json, gt_dir, coarse_json, coarse_dir)
-        after = panoptic_metrics(gt_json, gt_dir, refined_json, layout.path("refined_panoptic"))
+        before = panoptic_metrics(gt_json, gt_dir, coarse_json, coarse_dir, label=BEFORE)
+        after = panoptic_metrics(
+            gt_json, gt_dir, refined_json, layout.path("refined_panoptic"), label=AFTER
+        )
         rows = panoptic_rows(before, after) + object_rows(summary)
         masks_of = panoptic_masks
         pairing = (

@@ -26,10 +26,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..coarse import BINARY_LEVEL, CoarseMix
+from ..io import read_image, read_mask
 from .transforms import (
     center_crop_with_pad,
     color_jitter,
@@ -258,25 +258,9 @@ def split_pairs(
 # --------------------------------------------------------------------------- loading
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as RGB: (H, W, 3) uint8."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB")).copy()
-
-
-def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a mask as (H, W) uint8 in 0..255.
-
-    Palette ("P") masks are read by index, every non-zero index becoming 255 (DAVIS-2017 style
-    object ids); other modes are converted to 8-bit grey. Masks stored as 0/1 are scaled to 0/255.
-    """
-    with Image.open(path) as img:
-        if img.mode == "P":
-            return np.where(np.asarray(img) > 0, 255, 0).astype(np.uint8)
-        mask = np.asarray(img.convert("L")).copy()
-    if mask.max() == 1:
-        mask *= 255
-    return mask
+# The one image / mask reading rule of crm_d2 (EXIF orientation, palette, 16-bit, 0/1 ...).
+load_image = read_image
+load_mask = read_mask
 
 
 class PairSource(Protocol):

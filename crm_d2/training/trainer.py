@@ -59,6 +59,7 @@ from ..coarse import CoarseKind, parse_kinds
 from ..distributed import DistInfo, init_distributed
 from ..evaluation.binary import object_scores
 from ..inference import DEFAULT_SCALES, CRMRefiner
+from ..io import torch_save, write_json
 from ..modeling.crm import OFFICIAL_ARCH, CRMArch, CRMNet
 from .datasets import PairSource
 from .losses import crm_loss
@@ -528,12 +529,6 @@ def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state
     scheduler.load_state_dict(state)
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _hardware(device: torch.device, world_size: int) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(device),
@@ -717,22 +712,20 @@ def _train(
         forward = _GridForward(model)
 
     if main:
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        write_json(os.path.join(out_dir, "config.json"), cfg.to_dict(), indent=2)
         # Which coarse kind each validation image got.
-        with open(os.path.join(out_dir, VAL_LIST_NAME), "w", encoding="utf-8") as f:
-            json.dump(
-                [
-                    {
-                        "name": v.name,
-                        "coarse": v.perturb,
-                        "size": list(v.gt.shape),
-                    }
-                    for v in val_samples
-                ],
-                f,
-                indent=1,
-            )
+        write_json(
+            os.path.join(out_dir, VAL_LIST_NAME),
+            [
+                {
+                    "name": v.name,
+                    "coarse": v.perturb,
+                    "size": list(v.gt.shape),
+                }
+                for v in val_samples
+            ],
+            indent=1,
+        )
         n_params = sum(p.numel() for p in net.parameters())
         logger.info(
             "CRM training: arch %s (%.2f M params), %d training samples, %d validation images, "
@@ -804,7 +797,7 @@ def _train(
                 "config": _plain(cfg.to_dict()),
             },
         }
-        _atomic_save(obj, last_path)
+        torch_save(obj, last_path)
         metrics.write({"event": "checkpoint", "iter": it, "path": last_path, "time": time.time()})
 
     def run_validation(it: int) -> None:
