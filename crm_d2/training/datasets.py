@@ -321,7 +321,7 @@ class CocoObjectPairs(Dataset):
     """One raw sample per non-crowd COCO instance, cropped around its box with context.
 
     The box (x, y, w, h) is enlarged by ``context`` of its size IN TOTAL, i.e. by
-    ``context / 2`` of its width (height) on each side (the CascadePSP / REFERENCE §6
+    ``context / 2`` of its width (height) on each side (the CascadePSP scene-parsing protocol, Cheng et al. 2020
     convention: 0.25 = 12.5% per side), rounded outwards and clipped to the image. The mask is
     the instance alone (other objects in the crop are background), 0/255.
 
