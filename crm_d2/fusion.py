@@ -10,7 +10,7 @@ Boxes are ``(x0, y0, x1, y1)`` in pixel indices with exclusive ``x1``/``y1``: th
 ``t[..., y0:y1, x0:x1]`` and has ``h = y1 - y0`` rows and ``w = x1 - x0`` columns. This is
 detectron2's convention for boxes computed from masks (``x1 = last column + 1``).
 
-The fusion rule follows the CascadePSP scene-parsing reference (REFERENCE.md section 6): every
+The fusion rule follows CascadePSP's scene-parsing refinement (Cheng et al. 2020): every
 pixel starts with its input label and a confidence ``init_confidence``; each refined segment
 competes with its probability inside its box (stuff probabilities are multiplied by
 ``stuff_factor`` first); a pixel takes the label of the refined segment whose probability strictly

@@ -3,7 +3,7 @@
 Shape shorthand: B batch of same-size inputs, H/W image size, Hp/Wp padded size
 (``H + 2 * PAD``), Q queries.
 
-The schedule (REFERENCE §2, the authors' ``test.py``): reflect-pad image and mask by 32 px;
+The schedule (CRM paper §3.3 and the authors' ``test.py``): reflect-pad image and mask by 32 px;
 for each scale s in (0.125, 0.25, 0.5, 1.0) resize both to ``round(Hp * s) x round(Wp * s)``
 (bilinear, align_corners=True), encode once, decode every full-resolution padded pixel, zero the
 output if the current mask is empty, and feed ``(p - 0.5) * 2`` back as the next mask. The answer

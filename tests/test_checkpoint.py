@@ -35,7 +35,7 @@ def test_official_architecture_matches_key_list():
     for k, shape in keys:
         assert tuple(sd[k].shape) == shape, k
     n_params = sum(p.numel() for p in CRMNet().parameters())
-    assert n_params == 24_265_697  # REFERENCE §1
+    assert n_params == 24_265_697  # the official model_45705 (Shen et al. 2022)
 
 
 def test_official_format_round_trip(tmp_path):

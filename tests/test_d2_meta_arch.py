@@ -1,9 +1,9 @@
 """CRMRefinedModel around dummy inner models with the output formats of real ones.
 
 The dummies return exactly the conventions of Panoptic FPN, PanopticFCN, EntitySeg and
-Mask2Former (REFERENCE.md section 7). Known answers come from a fake refiner whose "refined"
-probability is the input mask dilated by ``GROW`` pixels, so the expected masks, boxes and label
-maps can be written down by hand.
+Mask2Former (as their public releases return them). Known answers come from a fake refiner
+whose "refined" probability is the input mask dilated by ``GROW`` pixels, so the expected
+masks, boxes and label maps can be written down by hand.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Metrics: binary-mask IoU / mBA / Boundary IoU, COCO mask and Boundary AP, PQ and Boundary PQ.
 
-Definitions follow REFERENCE.md section 4 and the official implementations named in each module.
+Definitions follow the papers and the official implementations named in each module.
 Only numpy, OpenCV, Pillow and pycocotools are needed (faster-coco-eval for Boundary AP).
 """
 

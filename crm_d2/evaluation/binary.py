@@ -8,7 +8,7 @@ Mask inputs are ``(H, W)`` arrays of dtype ``bool`` or ``uint8``. A ``uint8`` ma
 (``gt = gt > 128`` in its ``eval_post*.py``). A 0/1 ``uint8`` mask (what pycocotools decodes to)
 therefore reads as EMPTY: pass it as ``mask.astype(bool)``. Any other dtype is a ``ValueError``.
 
-Definitions (REFERENCE.md section 4):
+Definitions:
 
 * IoU of one object = |P & G| / |P | G|; the IoU of a set (BIG protocol) is pooled:
   sum of intersections / sum of unions (:class:`PooledIoU`).

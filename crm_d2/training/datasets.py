@@ -305,9 +305,10 @@ class CocoObjectPairs(Dataset):
     """One raw sample per non-crowd COCO instance, cropped around its box with context.
 
     The box (x, y, w, h) is enlarged by ``context`` of its size IN TOTAL, i.e. by
-    ``context / 2`` of its width (height) on each side (the CascadePSP / REFERENCE §6
-    convention: 0.25 = 12.5% per side), rounded outwards and clipped to the image. The mask is
-    the instance alone (other objects in the crop are background), 0/255.
+    ``context / 2`` of its width (height) on each side (the convention of CascadePSP's
+    scene-parsing protocol, Cheng et al. 2020: 0.25 = 12.5% per side), rounded outwards and
+    clipped to the image. The mask is the instance alone (other objects in the crop are
+    background), 0/255.
 
     Args:
         json_path: COCO instances JSON (polygons, uncompressed or compressed RLE).

@@ -1,4 +1,4 @@
-"""CRM training loss (REFERENCE §3).
+"""CRM training loss (CRM, Shen et al. CVPR 2022, §3).
 
 Shape shorthand: B = batch, C = channels, H, W = target size. ``logit`` and ``gt`` are
 (B, 1, H, W) float tensors; ``gt`` holds soft ground truth in [0, 1].

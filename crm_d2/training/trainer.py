@@ -1,4 +1,4 @@
-"""The CRM training loop (REFERENCE §3): Adam + MultiStepLR on full-grid crop queries.
+"""The CRM training loop (Shen et al., CVPR 2022, §3): Adam + MultiStepLR on full-grid queries.
 
 Shape shorthand: B = per-rank batch, S = crop size, Q = S * S queries per crop, H, W = size of a
 full validation image.

@@ -3,7 +3,7 @@
 Shape shorthand: H, W = input size, S = crop size. Images are RGB ``np.uint8`` arrays of shape
 (H, W, 3); masks are ``np.uint8`` arrays of shape (H, W) with values 0..255.
 
-The authors build their samples with torchvision on PIL images (REFERENCE §3):
+The authors build their samples with torchvision on PIL images (CRM paper §3 and its code):
 ``RandomCrop(224, pad_if_needed=True)`` + ``RandomHorizontalFlip()`` shared by image and ground
 truth, then ``ColorJitter(0.2, 0.05, 0.05, 0)`` + ``RandomGrayscale(p=0.1)`` on the image only,
 then ``ToTensor`` / ``Normalize``. This module reimplements those semantics with numpy:
