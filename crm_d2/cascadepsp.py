@@ -165,11 +165,13 @@ def local_step(
         (y0, x0) for x0 in _crop_starts(width, L, step) for y0 in _crop_starts(height, L, step)
     ))
     lo, hi = FOREGROUND_RANGE
+    refined = 0
     for done, (y0, x0) in enumerate(positions, start=1):
         y1, x1 = min(height, y0 + L), min(width, x0 + L)
         seg_c = seg[:, :, y0:y1, x0:x1]
         share = (seg_c > 0).float().flatten(1).mean(dim=1)
         keep = ((share <= hi) & (share >= lo)).nonzero()[:, 0]
+        refined += len(keep)
         if len(keep):
             sub = None if len(keep) == bsz else keep
             out = _forward_padded(model, *(x if sub is None else x.index_select(0, sub) for x in
@@ -188,6 +190,8 @@ def local_step(
             weight[region] += counted
         if progress is not None:
             progress("local step", done, len(positions))
+    logger.debug("local step: %d crop positions, %d of %d crops refined (L=%d)",
+                 len(positions), refined, bsz * len(positions), L)
     return torch.where(weight == 0, (seg + 1) / 2, total / weight)
 
 

@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w = p.add_argument_group("model")
     w.add_argument(
+        "--refiner",
+        choices=("crm", "cascadepsp"),
+        default="crm",
+        help="refinement network (CascadePSP: the released file 'model' as --weights; "
+        "--scales and --chunk-size are CRM options)",
+    )
+    w.add_argument(
         "--weights",
         default=None,
         help="CRM checkpoint (official model_45705 or a crm_d2 checkpoint); default: "
@@ -209,6 +216,35 @@ def _config(args: argparse.Namespace):
         raise _fail(str(e)) from e
 
 
+def _cascadepsp_refiner(args: argparse.Namespace, device: str):
+    import torch
+
+    from crm_d2 import CascadePSPRefiner
+    from crm_d2.checkpoint import CASCADEPSP_HINT, CheckpointError
+    from crm_d2.modeling.cascadepsp import (
+        CASCADEPSP_ARCH,
+        CASCADEPSP_TINY_ARCH,
+        CascadePSPNet,
+    )
+
+    crm_only = [k for k, v in (("--scales", args.scales), ("--chunk-size", args.chunk_size)) if v]
+    if crm_only:
+        raise _fail(f"{', '.join(crm_only)}: CRM option(s), not for --refiner cascadepsp")
+    if args.random_weights is not None:
+        if args.weights:
+            raise _fail("--weights and --random-weights exclude each other")
+        torch.manual_seed(args.seed)
+        arch = CASCADEPSP_ARCH if args.random_weights == "official" else CASCADEPSP_TINY_ARCH
+        desc = f"RANDOM CascadePSP ({args.random_weights} architecture, seed {args.seed})"
+        return CascadePSPRefiner(CascadePSPNet(arch), device), desc
+    if not args.weights:
+        raise _fail(f"no CascadePSP weights: pass --weights PATH. {CASCADEPSP_HINT}")
+    try:
+        return CascadePSPRefiner.from_checkpoint(args.weights, device), args.weights
+    except CheckpointError as e:
+        raise _fail(str(e)) from e
+
+
 def _refiner(args: argparse.Namespace, device: str):
     import torch
 
@@ -217,6 +253,8 @@ def _refiner(args: argparse.Namespace, device: str):
     from crm_d2.modeling.crm import OFFICIAL_ARCH, TINY_ARCH
     from crm_d2.weights import default_weights_path
 
+    if args.refiner == "cascadepsp":
+        return _cascadepsp_refiner(args, device)
     kwargs = {}
     if args.chunk_size is not None:
         kwargs["chunk_size"] = args.chunk_size

@@ -1,8 +1,9 @@
-"""``crm-refine``: refine one mask of one image with CRM.
+"""``crm-refine``: refine one mask of one image with CRM (or CascadePSP).
 
 Example::
 
     crm-refine photo.jpg coarse.png -o refined.png --weights model_45705 --overlay compare.png
+    crm-refine photo.jpg coarse.png -o refined.png --refiner cascadepsp --weights model
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="crm-refine",
-        description="Refine a coarse segmentation mask with CRM (Continuous Refinement Model).",
+        description="Refine a coarse segmentation mask with CRM (Continuous Refinement Model) "
+        "or CascadePSP.",
     )
     p.add_argument("image", help="input image (any format Pillow reads)")
     p.add_argument("mask", help="coarse mask of the same size (gray 0..255, 0/1, or RGBA alpha)")
     p.add_argument("-o", "--output", required=True, help="refined mask (PNG)")
+    p.add_argument("--refiner", choices=("crm", "cascadepsp"), default="crm",
+                   help="refinement network: CRM (Shen et al. 2022) or CascadePSP (Cheng et al. "
+                        "2020)")
     p.add_argument("--weights", default=None,
-                   help="CRM checkpoint: the official model_45705, or a crm_d2 checkpoint "
-                        "(default: the weights shipped with crm_d2, if any)")
+                   help="checkpoint: for CRM the official model_45705 or a crm_d2 checkpoint "
+                        "(default: the weights shipped with crm_d2, if any); for CascadePSP "
+                        "the released file 'model' (no default)")
     p.add_argument("--scales", type=float, nargs="+", default=None,
                    help="input scales, coarse to fine (default: the checkpoint's, else "
                         f"{' '.join(map(str, DEFAULT_SCALES))})")
@@ -75,15 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact", action="store_true",
                    help="run the authors' arithmetic to the letter (slower, same result ~1e-6)")
     p.add_argument("--chunk-size", type=int, default=None, help="queries per decoder call")
+    p.add_argument("--fast", action="store_true",
+                   help="CascadePSP: global step only (no local step)")
+    p.add_argument("--L", type=int, default=None,
+                   help="CascadePSP: long side of the global step and local crop size "
+                        "(default 900)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def _resolve_weights(weights: str | None) -> str:
+def _resolve_weights(weights: str | None, refiner: str = "crm") -> str:
+    from crm_d2.checkpoint import CASCADEPSP_HINT
     from crm_d2.weights import default_weights_path
 
     if weights:
         return weights
+    if refiner == "cascadepsp":
+        raise SystemExit(
+            f"crm-refine: no CascadePSP weights. Pass --weights PATH. {CASCADEPSP_HINT}"
+        )
     default = default_weights_path()
     if default is None:
         raise SystemExit(
@@ -100,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from tqdm import tqdm
 
-    from crm_d2 import CRMRefiner
     from crm_d2.checkpoint import CheckpointError
+    from crm_d2.refiners import load_refiner
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise SystemExit(f"crm-refine: --threshold must be in [0, 1], got {args.threshold}")
@@ -118,13 +134,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"crm-refine: image is {image.shape[1]}x{image.shape[0]} (WxH) but mask is "
             f"{mask.shape[1]}x{mask.shape[0]}; resize the mask to the image first"
         )
-    kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
-    if args.scales is not None:
-        kwargs["scales"] = args.scales
+    crm = args.refiner == "crm"
+    crm_only = {"--scales": args.scales, "--exact": args.exact, "--chunk-size": args.chunk_size}
+    cascadepsp_only = {"--fast": args.fast, "--L": args.L}
+    foreign = [k for k, v in (cascadepsp_only if crm else crm_only).items()
+               if v not in (None, False)]
+    if foreign:
+        raise SystemExit(f"crm-refine: {', '.join(foreign)} do(es) not apply to "
+                         f"--refiner {args.refiner}")
+    if crm:
+        kwargs = {"chunk_size": args.chunk_size, "scales": args.scales}
+        refine_kwargs = {"exact": args.exact}
+    else:
+        kwargs, refine_kwargs = {"L": args.L, "fast": args.fast}, {}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        refiner = CRMRefiner.from_checkpoint(_resolve_weights(args.weights), args.device,
-                                             **kwargs)
-    except CheckpointError as e:
+        refiner = load_refiner(args.refiner, _resolve_weights(args.weights, args.refiner),
+                               args.device, **kwargs)
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"crm-refine: {e}") from e
 
     bars: dict[str, tqdm] = {}
@@ -140,10 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.close()
 
     h, w = mask.shape
-    logger.info("refining %s (%dx%d) with scales %s on %s", args.image, w, h,
-                refiner.scales, refiner.device)
+    how = (f"CRM, scales {refiner.scales}" if crm else
+           f"CascadePSP, L={refiner.L}{', fast' if refiner.fast else ''}")
+    logger.info("refining %s (%dx%d) with %s on %s", args.image, w, h, how, refiner.device)
     t0 = time.perf_counter()
-    prob = refiner.refine(image, mask, exact=args.exact, progress=progress)
+    prob = refiner.refine(image, mask, progress=progress, **refine_kwargs)
     logger.info("refined in %.2f s", time.perf_counter() - t0)
 
     if args.threshold is None:

@@ -33,7 +33,7 @@ from ..evaluation.binary import (
 )
 from ..evaluation.panoptic import write_panoptic_png
 from ..fusion import RefinedSegment, expand_box, fuse_instances, fuse_panoptic, mask_to_box
-from ..inference import CRMRefiner
+from ..refiners import Refiner
 from .coarse import BINARY_LEVEL, CoarseSpec, image_seed_key, paint_soft_segments
 from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation, read_gray, read_rgb
 from .matching import match_instances, match_panoptic, rle_encode
@@ -53,14 +53,14 @@ class ProcessContext:
     """What every per-image function needs.
 
     Attributes:
-        refiner: the CRM refiner.
+        refiner: the refiner (CRM or CascadePSP).
         settings: ROI options, scales, downscaling.
         layout: the output folder.
         coarse: coarse masks from the ground truth (None: the given predictions).
         soft_coarse: give CRM the soft coarse map (``lowres``) instead of the binary mask.
     """
 
-    refiner: CRMRefiner
+    refiner: Refiner
     settings: RefineSettings
     layout: OutputLayout
     coarse: CoarseSpec | None = None
