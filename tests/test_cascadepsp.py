@@ -8,6 +8,7 @@ that code); these tests use tiny random networks and small L on tiny images.
 from __future__ import annotations
 
 import ast
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from crm_d2.segments import ROIOptions, refine_segments
 
 TSV = Path(__file__).resolve().parents[2] / "shared" / "docs" / "checkpoints"
 TINY = CASCADEPSP_TINY_ARCH
-L_TEST = 96  # small L: 64..95 px images take the "enlarge" branch, larger ones get crops
+L_TEST = 128  # small L: smaller images take the "enlarge" branch, larger ones get crops
 
 
 def random_cascadepsp(arch=TINY, seed: int = 0) -> CascadePSPNet:
@@ -60,7 +61,7 @@ def refiner(net) -> CascadePSPRefiner:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, net) -> str:
-    """A tiny CascadePSP in the project format that stores L = 96."""
+    """A tiny CascadePSP in the project format that stores L = L_TEST."""
     path = tmp_path_factory.mktemp("psp") / "tiny_psp.pth"
     save_cascadepsp(net, str(path), L=L_TEST)
     return str(path)
@@ -97,6 +98,7 @@ def test_released_architecture_matches_key_list(released_net):
         assert tuple(sd[k].shape) == tuple(ast.literal_eval(shape)), k
 
 
+@pytest.mark.slow  # writes and reads 270 MB
 def test_released_format_round_trip(tmp_path, released_net):
     path = tmp_path / "model"  # the released file's name
     torch.save({"module." + k: v for k, v in released_net.state_dict().items()}, path)
@@ -232,16 +234,31 @@ def test_all_foreground_skips_every_crop():
     assert torch.equal(out, glob)
 
 
-def test_batch_equals_single_calls(refiner):
+class _FollowMask(torch.nn.Module):
+    """Stands in for the network: a prediction that follows the coarse mask."""
+
+    def forward(self, img, seg, inter_s8=None, inter_s4=None):
+        pred = torch.sigmoid(3 * seg + img[:, :1])
+        return {"pred": pred, "pred_s4": pred}
+
+
+@pytest.mark.parametrize("stub", [False, True], ids=["tiny-net", "mask-follower"])
+def test_batch_equals_single_calls(refiner, caplog, stub):
+    if stub:
+        refiner = CascadePSPRefiner(_FollowMask(), L=L_TEST)
     imgs, masks = [], []
-    for seed, empty in ((0, False), (1, True), (2, False)):
-        img, mask = scene(110, 150, seed)
-        if empty:
-            mask[:] = 255  # all foreground: its crops are skipped, the others' are not
+    for seed, full in ((0, False), (1, True), (2, False)):
+        img, mask = scene(100, 140, seed)  # two crop positions at L = 128
+        if full:
+            mask[:] = 255  # all foreground: with the stub its crops are skipped, not the others'
         i, m = prepare_inputs(img, mask)
         imgs.append(i)
         masks.append(m)
-    batch = refiner.refine_tensors(torch.cat(imgs), torch.cat(masks))
+    with caplog.at_level(logging.DEBUG, logger="crm_d2.cascadepsp"):
+        batch = refiner.refine_tensors(torch.cat(imgs), torch.cat(masks))
+    if stub:  # some crops of the batch are skipped and others refined: the sub-batch path ran
+        (line,) = [r.getMessage() for r in caplog.records if "crops refined" in r.getMessage()]
+        assert "4 of 6 crops refined" in line, line
     for b in range(3):
         single = refiner.refine_tensors(imgs[b], masks[b])
         torch.testing.assert_close(batch[b], single[0], atol=1e-5, rtol=0)
@@ -306,7 +323,7 @@ def test_crm_refine_cli_flag(tmp_path, weights):
     Image.fromarray(img).save(tmp_path / "im.png")
     Image.fromarray(mask).save(tmp_path / "mask.png")
     base = [str(tmp_path / "im.png"), str(tmp_path / "mask.png"), "--quiet"]
-    for extra in ([], ["--fast"], ["--L", "128"]):
+    for extra in ([], ["--fast"], ["--L", "100"]):
         out = tmp_path / f"out{len(extra)}.png"
         assert cli.main([*base, "-o", str(out), "--refiner", "cascadepsp", "--weights", weights,
                          *extra]) == 0
