@@ -15,6 +15,9 @@ Examples::
         --panoptic-dir panoptic_val2017/ --images val2017/ --pred-json pred.json --pred-dir pred/
     crm-eval --weights W --output out/ --big BIG/test/
 
+    # the same with CascadePSP (its released file 'model') instead of CRM
+    crm-eval --refiner cascadepsp --weights model --output out/ --big BIG/test/
+
     # several processes (GPUs or CPU), one or several nodes sharing the output folder
     torchrun --nproc_per_node 4 -m crm_d2.cli.eval --device cuda --weights W --output out/ ...
 """
