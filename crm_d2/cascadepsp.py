@@ -144,8 +144,9 @@ def local_step(
 
     Args:
         img: (B, 3, H, W) ImageNet-normalised image at full resolution.
-        global_pred: (B, 1, h, w) full-resolution probability of :func:`global_step`.
-        global_s4: (B, 1, h, w) stride-4 probability of :func:`global_step`.
+        global_pred: (B, 1, h, w) final (stride-1 head) probability of :func:`global_step`,
+            at the size (h, w) of the global step.
+        global_s4: (B, 1, h, w) stride-4 head probability of :func:`global_step`.
         L: crop size.
         progress: optional callback ``progress(stage, done, total)`` per crop position.
 
