@@ -120,6 +120,8 @@ def main(argv=None) -> int:
                          "CascadePSP checkout")
     ap.add_argument("--small", default="481x637", help="HxW of the image below L")
     ap.add_argument("--large", default="900x1203", help="HxW of the image above L")
+    ap.add_argument("--cases", nargs="+", choices=("small", "large"), default=["small", "large"],
+                    help="which of the two images to compare")
     ap.add_argument("--modes", nargs="+", choices=("full", "fast"), default=["full", "fast"],
                     help="full = global + local step, fast = global step only")
     ap.add_argument("--L", type=int, default=900)
@@ -147,7 +149,9 @@ def main(argv=None) -> int:
         for label, size, kind in (("small", args.small, "ellipse"),
                                   ("large", args.large, "band")):
             h, w = (int(v) for v in size.lower().split("x"))
-            cases.append((label, *make_case(h, w, rng, kind)))
+            case = (label, *make_case(h, w, rng, kind))  # drawn always: same images per seed
+            if label in args.cases:
+                cases.append(case)
         for label, img, mask in cases:
             # the release's Refiner.refine up to its final uint8 conversion
             im_t = official.im_transform(img).unsqueeze(0)
