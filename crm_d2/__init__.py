@@ -5,9 +5,11 @@ The detectron2 layer lives in :mod:`crm_d2.config`, :mod:`crm_d2.meta_arch` (imp
 registers ``CRMRefinedModel``) and :mod:`crm_d2.d2_data`; they need detectron2.
 """
 
-from .checkpoint import CheckpointError, load_crm, save_crm
+from .cascadepsp import CascadePSPRefiner
+from .checkpoint import CheckpointError, load_cascadepsp, load_crm, save_cascadepsp, save_crm
 from .inference import DEFAULT_SCALES, CRMRefiner
 from .modeling import CRMArch, CRMNet
+from .refiners import load_refiner
 
 __version__ = "0.1.0"
 
@@ -16,7 +18,11 @@ __all__ = [
     "CRMArch",
     "CRMNet",
     "CRMRefiner",
+    "CascadePSPRefiner",
     "CheckpointError",
+    "load_cascadepsp",
     "load_crm",
+    "load_refiner",
+    "save_cascadepsp",
     "save_crm",
 ]

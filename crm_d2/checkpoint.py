@@ -1,6 +1,6 @@
-"""Loading and saving CRM weights.
+"""Loading and saving refiner weights (CRM and CascadePSP).
 
-Three formats are accepted:
+Three formats are accepted for CRM (:func:`load_crm`):
 
 - the official release ``model_45705`` (a raw ``torch.save`` of an ``nn.DataParallel``
   state dict: every key starts with ``module.``; browsers may save it as ``model_45705.aspx``);
@@ -9,6 +9,11 @@ Three formats are accepted:
   ...metadata}``, written by :func:`save_crm`. It records the architecture (so lighter encoders
   load too), the inference scales and the training information, and may store half precision
   weights and omit the never-run layer4.
+
+CascadePSP (:func:`load_cascadepsp`) reads the same three kinds: the released file ``model``
+(``module.``-prefixed state dict, 426 keys), a plain state dict, and the project's format with
+``"network": "cascadepsp"`` (:func:`save_cascadepsp`). A CRM file given to the CascadePSP loader,
+or the reverse, is named as such.
 
 Everything else is rejected with a :class:`CheckpointError` that names the problem and the fix.
 Nothing is ever downloaded.
@@ -25,11 +30,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from .io import torch_save
+from .modeling.cascadepsp import CASCADEPSP_ARCH, CascadePSPArch, CascadePSPNet
 from .modeling.crm import OFFICIAL_ARCH, CRMArch, CRMNet
 
-__all__ = ["CheckpointError", "format_key_list", "load_crm", "load_state_dict_file", "save_crm"]
+__all__ = [
+    "CASCADEPSP_HINT",
+    "CheckpointError",
+    "format_key_list",
+    "load_cascadepsp",
+    "load_crm",
+    "load_state_dict_file",
+    "save_cascadepsp",
+    "save_crm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +55,22 @@ _OFFICIAL_HINT = (
     "The official CRM weights are the file 'model_45705' (about 93 MiB) linked from the "
     "README of dvlab-research/Entity, folder High-Quality-Segmention."
 )
+CASCADEPSP_HINT = (
+    "The released CascadePSP weights are the file 'model' (about 259 MiB, md5 "
+    "7478d4a9c42ab52beb6d7e9683402fe0) of release v1.0 of github.com/hkchengrex/CascadePSP; "
+    "the pip package segmentation-refinement keeps a copy in ~/.segmentation-refinement/model."
+)
+CASCADEPSP = "cascadepsp"  # the "network" field of the project format for CascadePSP
 
 
 class CheckpointError(ValueError):
     """A weights file that cannot be used, with the reason and the fix in the message."""
 
 
-def _sniff(path: str) -> None:
+def _sniff(path: str, hint: str = _OFFICIAL_HINT) -> None:
     """Reject files that are obviously not torch checkpoints, before unpickling them."""
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist. {_OFFICIAL_HINT}")
+        raise CheckpointError(f"checkpoint {path!r} does not exist. {hint}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is a directory, expected a file")
     size = os.path.getsize(path)
@@ -66,13 +88,14 @@ def _sniff(path: str) -> None:
         raise CheckpointError(
             f"{path!r} is an HTML page ({size} bytes), not a checkpoint: the download saved a "
             "web page (a login, preview or error page) instead of the file. Download it again "
-            f"with the direct-download link. {_OFFICIAL_HINT}"
+            f"with the direct-download link. {hint}"
         )
 
 
-def load_state_dict_file(path: str) -> Any:
-    """``torch.load`` a checkpoint on CPU with clear errors for bad files."""
-    _sniff(path)
+def load_state_dict_file(path: str, hint: str = _OFFICIAL_HINT) -> Any:
+    """``torch.load`` a checkpoint on CPU with clear errors for bad files (``hint``: where the
+    right file is, appended to the messages about missing files and web pages)."""
+    _sniff(path, hint)
     size = os.path.getsize(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -98,14 +121,35 @@ def _strip_prefix(sd: Mapping[str, Any], prefix: str = "module.") -> dict[str, A
     return {k[len(prefix):]: v for k, v in sd.items()}
 
 
-def _check_not_cascadepsp(sd: Mapping[str, Any]) -> None:
+_CASCADEPSP_NOT_CRM = (
+    "this is a CascadePSP checkpoint (6-channel stem, PSP module), not CRM: "
+    "CRM's stem takes 4 channels (RGB + mask). Use the CRM weights 'model_45705', or "
+    "load this file with the CascadePSP refiner (crm_d2.CascadePSPRefiner, "
+    "--refiner cascadepsp, MODEL.CRM.REFINER cascadepsp)."
+)
+_CRM_NOT_CASCADEPSP = (
+    "this is a CRM checkpoint (4-channel stem, implicit decoder), not CascadePSP: "
+    "CascadePSP's stem takes 6 channels. Load it with the CRM refiner "
+    "(crm_d2.CRMRefiner, --refiner crm, MODEL.CRM.REFINER crm), or pass the CascadePSP "
+    f"weights. {CASCADEPSP_HINT}"
+)
+
+
+def _stem_channels(sd: Mapping[str, Any]) -> int | None:
     w = sd.get("feats.conv1.weight")
+    return int(w.shape[1]) if isinstance(w, torch.Tensor) and w.ndim == 4 else None
+
+
+def _check_not_cascadepsp(sd: Mapping[str, Any]) -> None:
     is_psp = any(k.startswith(("psp.", "up_1.", "final_28")) for k in sd)
-    if is_psp or (isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[1] == 6):
-        raise CheckpointError(
-            "this is a CascadePSP checkpoint (6-channel stem, PSP module), not CRM: "
-            "CRM's stem takes 4 channels (RGB + mask). Use the CRM weights 'model_45705'."
-        )
+    if is_psp or _stem_channels(sd) == 6:
+        raise CheckpointError(_CASCADEPSP_NOT_CRM)
+
+
+def _check_not_crm(sd: Mapping[str, Any]) -> None:
+    is_crm = any(k.startswith(("aspp_.", "imnet.")) for k in sd)
+    if is_crm or _stem_channels(sd) == 4:
+        raise CheckpointError(_CRM_NOT_CASCADEPSP)
 
 
 def _arch_of(obj: Mapping[str, Any], path: str) -> CRMArch:
@@ -144,7 +188,11 @@ def format_key_list(items: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _load_into(model: CRMNet, sd: Mapping[str, torch.Tensor], source: str) -> None:
+def _load_into(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, name: str = "CRM",
+    accepted: str = "the official 'model_45705', a CRMNet state dict, or a file written by "
+    "crm_d2.checkpoint.save_crm",
+) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -154,19 +202,37 @@ def _load_into(model: CRMNet, sd: Mapping[str, torch.Tensor], source: str) -> No
         if k in sd and tuple(sd[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or shapes:
-        lines = [f"{source} does not match the CRM architecture {model.arch}:"]
+        lines = [f"{source} does not match the {name} architecture {model.arch}:"]
         if missing:
             lines.append(f"  {len(missing)} missing keys: {format_key_list(missing)}")
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected keys: {format_key_list(unexpected)}")
         if shapes:
             lines.append(f"  {len(shapes)} wrong shapes: {format_key_list(shapes, 6)}")
-        lines.append(
-            "  Pass the official 'model_45705', a CRMNet state dict, or a file written by "
-            "crm_d2.checkpoint.save_crm."
-        )
+        lines.append(f"  Pass {accepted}.")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def _check_version(obj: Mapping[str, Any], path: str) -> None:
+    version = obj.get("version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path!r} is crm_d2 checkpoint version {version}; this crm_d2 reads version "
+            f"{FORMAT_VERSION}: upgrade crm_d2"
+        )
+
+
+def _raw_state_dict(obj: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A released / plain / training-dict state dict, ``module.`` stripped."""
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]  # a training checkpoint {"state_dict": ..., ...}
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path!r} is a dict but not a state dict of tensors (keys: "
+            f"{format_key_list(sorted(map(str, obj)), 8)})"
+        )
+    return _strip_prefix(obj)
 
 
 def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
@@ -184,26 +250,16 @@ def load_crm(path: str) -> tuple[CRMNet, dict[str, Any]]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
     if obj.get("format") == FORMAT_NAME:
-        version = obj.get("version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path!r} is crm_d2 checkpoint version {version}; this crm_d2 reads version "
-                f"{FORMAT_VERSION}: upgrade crm_d2"
-            )
+        _check_version(obj, path)
+        if obj.get("network", "crm") != "crm":
+            raise CheckpointError(f"{path!r}: {_CASCADEPSP_NOT_CRM}")
         arch = _arch_of(obj, path)
         if not isinstance(obj.get("state_dict"), Mapping):
             raise CheckpointError(f"{path!r} is a crm_d2 checkpoint without a 'state_dict'")
         sd = _strip_prefix(obj["state_dict"])
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
     else:
-        if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]  # a training checkpoint {"state_dict": ..., ...}
-        if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(
-                f"{path!r} is a dict but not a state dict of tensors (keys: "
-                f"{format_key_list(sorted(map(str, obj)), 8)})"
-            )
-        sd = _strip_prefix(obj)
+        sd = _raw_state_dict(obj, path)
         arch = OFFICIAL_ARCH
         meta = {"format": "official", "arch": arch.to_dict()}
     _check_not_cascadepsp(sd)
@@ -246,6 +302,71 @@ def save_crm(
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "arch": arch.to_dict(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in sd.items()},
+        **metadata,
+    }
+    torch_save(obj, path)
+
+
+def load_cascadepsp(path: str) -> tuple[CascadePSPNet, dict[str, Any]]:
+    """Build a :class:`~crm_d2.modeling.cascadepsp.CascadePSPNet` from a checkpoint file.
+
+    Accepts the released file ``model`` (a ``module.``-prefixed state dict), a plain state dict
+    and the project's format written by :func:`save_cascadepsp`.
+
+    Returns:
+        The model (float32, CPU, eval mode) and the metadata dict (``format``: "official" for a
+        raw state dict, else the project's stored fields without the weights).
+
+    Raises:
+        CheckpointError: on a missing, HTML, git-LFS, truncated, CRM or mismatching file.
+    """
+    obj = load_state_dict_file(path, CASCADEPSP_HINT)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
+    if obj.get("format") == FORMAT_NAME:
+        _check_version(obj, path)
+        if obj.get("network", "crm") != CASCADEPSP:
+            raise CheckpointError(f"{path!r}: {_CRM_NOT_CASCADEPSP}")
+        arch = CascadePSPArch.from_dict(obj["arch"])
+        sd = _strip_prefix(obj["state_dict"])
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    else:
+        sd = _raw_state_dict(obj, path)
+        arch = CASCADEPSP_ARCH
+        meta = {"format": "official", "network": CASCADEPSP, "arch": arch.to_dict()}
+    _check_not_crm(sd)
+    _check_finite(sd, path)
+    model = CascadePSPNet(arch)
+    _load_into(
+        model, sd, repr(path), "CascadePSP",
+        "the released CascadePSP file 'model', a CascadePSPNet state dict, or a file written "
+        "by crm_d2.checkpoint.save_cascadepsp",
+    )
+    model.eval()
+    logger.info("Loaded CascadePSP weights from %s (%s format)", path, meta.get("format"))
+    return model, meta
+
+
+def save_cascadepsp(
+    model: CascadePSPNet, path: str, *, half: bool = False, **metadata: Any
+) -> None:
+    """Write a CascadePSP network in the project's checkpoint format.
+
+    Args:
+        model: the network.
+        path: output file.
+        half: store floating-point weights as float16 (loaded back as float32).
+        metadata: extra JSON-like fields (``L``, ``training``, ``model_card`` ...).
+    """
+    sd = model.state_dict()
+    if half:
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    obj = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "network": CASCADEPSP,
+        "arch": model.arch.to_dict(),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in sd.items()},
         **metadata,
     }

@@ -42,6 +42,10 @@ def add_crm_config(cfg: CN) -> None:
     # Refiner checkpoint (official model_45705, a state dict or a crm_d2 checkpoint); "" = the
     # weights shipped with crm_d2 (crm_d2.weights.default_weights_path()).
     c.WEIGHTS = ""
+    # Refiner: "crm" (Shen et al. 2022), "cascadepsp" (Cheng et al. 2020; WEIGHTS is then the
+    # released file 'model', and SCALES / CHUNK_SIZE / EXACT do not apply) or "guided_filter"
+    # (He et al. 2010, training-free baseline; WEIGHTS must be "").
+    c.REFINER = "crm"
     # META_ARCHITECTURE of the wrapped (inner) model, e.g. "PanopticFPN", "PanopticFCN".
     c.INNER_META_ARCHITECTURE = ""
     # CRM input scales of the coarse-to-fine schedule; [] = the checkpoint's (official 1/8..1).

@@ -89,6 +89,7 @@ class GuidedFilterRefiner:
         device: torch device of the computation.
     """
 
+    kind = "guided_filter"
     #: one pass, no input scales; kept so callers that log ``refiner.scales`` work
     scales: tuple[float, ...] = (1.0,)
 
@@ -101,6 +102,19 @@ class GuidedFilterRefiner:
         self.device = torch.device(device)
         self.metadata: dict[str, Any] = {"format": "guided_filter", "radius": self.radius,
                                          "eps": self.eps}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | None = None, device: torch.device | str = "cpu",
+                        **kwargs) -> GuidedFilterRefiner:
+        """The refiner factory's entry point: the guided filter has no weights (``path`` must be
+        None); ``kwargs`` are ``radius`` and ``eps``."""
+        if path is not None:
+            raise ValueError(f"the guided filter takes no weights, got {path!r}")
+        return cls(device=device, **kwargs)
+
+    def settings_record(self) -> dict[str, Any]:
+        """What of the refiner shapes its outputs (crm-eval's resume cache and reports)."""
+        return {"refiner": "guided_filter", "radius": self.radius, "eps": self.eps}
 
     def __repr__(self) -> str:
         return f"GuidedFilterRefiner(radius={self.radius}, eps={self.eps:g})"

@@ -183,6 +183,12 @@ class CRMRefiner:
         self.min_side = None if min_side is None else int(min_side)
         self.metadata = dict(metadata or {})
 
+    def to(self, device: torch.device | str) -> CRMRefiner:
+        """Move the network to ``device`` and compute there from now on (returns self)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
     @property
     def arch(self) -> CRMArch:
         return self.model.arch

@@ -46,7 +46,7 @@ from .fusion import (
     segments_to_semantic,
     semantic_to_segments,
 )
-from .inference import CRMRefiner
+from .refiners import Refiner, load_refiner, refiner_class
 from .segments import ROIOptions, refine_segments
 from .weights import default_weights_path
 
@@ -216,14 +216,14 @@ class CRMRefinedModel(nn.Module):
         self,
         *,
         model: nn.Module,
-        refiner: CRMRefiner,
+        refiner: Refiner,
         input_format: str = "BGR",
         options: CRMOptions | None = None,
     ) -> None:
         """
         Args:
             model: the inner model; ``model(batched_inputs)`` returns one dict per image.
-            refiner: the frozen CRM refiner (kept outside the module tree).
+            refiner: the frozen refiner, CRM or CascadePSP (kept outside the module tree).
             input_format: channel order of ``batched_inputs[i]["image"]`` (``cfg.INPUT.FORMAT``:
                 "BGR", "RGB" or "L"), used only when no ``"original_image"`` is given.
             options: see :class:`CRMOptions`.
@@ -254,12 +254,29 @@ class CRMRefinedModel(nn.Module):
         inner_cfg.MODEL.META_ARCHITECTURE = inner
         inner_cfg.freeze()
         model = build_model(inner_cfg)
-        weights = resolve_crm_weights(crm.WEIGHTS)
-        kwargs = {"chunk_size": int(crm.CHUNK_SIZE)}
-        if len(crm.SCALES):
-            kwargs["scales"] = tuple(float(s) for s in crm.SCALES)
-        refiner = CRMRefiner.from_checkpoint(weights, device=cfg.MODEL.DEVICE, **kwargs)
-        logger.info("CRM refiner loaded from %s (scales %s)", weights, refiner.scales)
+        kind = crm.REFINER
+        refiner_class(kind)  # an unknown name fails here, naming the choices
+        if kind == "guided_filter":
+            if crm.WEIGHTS:
+                raise ValueError("MODEL.CRM.REFINER 'guided_filter' takes no weights: set "
+                                 "MODEL.CRM.WEIGHTS to ''")
+            weights, kwargs = None, {}
+        elif kind == "crm":
+            weights = resolve_crm_weights(crm.WEIGHTS)
+            kwargs = {"chunk_size": int(crm.CHUNK_SIZE)}
+            if len(crm.SCALES):
+                kwargs["scales"] = tuple(float(s) for s in crm.SCALES)
+        else:
+            if not crm.WEIGHTS:
+                raise ValueError(
+                    f"MODEL.CRM.WEIGHTS is empty: MODEL.CRM.REFINER {kind!r} needs its "
+                    "checkpoint (crm_d2 ships CRM weights only)"
+                )
+            weights = crm.WEIGHTS
+            kwargs = {"scales": tuple(float(s) for s in crm.SCALES) or None}
+        refiner = load_refiner(kind, weights, device=cfg.MODEL.DEVICE, **kwargs)
+        logger.info("%s refiner loaded from %s (%s)", kind, weights,
+                    getattr(refiner, "scales", None) or refiner.settings_record())
         return {
             "model": model,
             "refiner": refiner,
@@ -531,8 +548,7 @@ class CRMRefinedModel(nn.Module):
         """Keep the refiner on the inner model's device (e.g. after ``.to("cuda")``)."""
         param = next(self.model.parameters(), None)
         if param is not None and param.device != self.refiner.device:
-            self.refiner.model.to(param.device)
-            self.refiner.device = param.device
+            self.refiner.to(param.device)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -1,8 +1,9 @@
 """Refine many segments of one image on padded ROIs, in batches (no detectron2 needed).
 
-This is the glue between :class:`~crm_d2.inference.CRMRefiner` and the pure fusion functions
-of :mod:`crm_d2.fusion`; the detectron2 meta-architecture and the ``crm-eval`` tool both call
-:func:`refine_segments`.
+This is the glue between a refiner (:class:`~crm_d2.inference.CRMRefiner` or
+:class:`~crm_d2.cascadepsp.CascadePSPRefiner`, see :mod:`crm_d2.refiners`) and the pure fusion
+functions of :mod:`crm_d2.fusion`; the detectron2 meta-architecture and the ``crm-eval`` tool
+both call :func:`refine_segments`.
 
 Shape shorthand: N segments, H/W image size, h/w ROI size.
 """
@@ -18,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .fusion import RefinedSegment, crop, expand_box, mask_to_box
-from .inference import CRMRefiner, normalize_image, normalize_mask
+from .inference import normalize_image, normalize_mask
+from .refiners import Refiner
 
 __all__ = ["ROIOptions", "refine_segments"]
 
@@ -74,7 +76,7 @@ def _round_box(box, multiple: int, height: int, width: int):
 
 @torch.no_grad()
 def refine_segments(
-    refiner: CRMRefiner,
+    refiner: Refiner,
     image: Tensor,
     masks: Tensor,
     options: ROIOptions = ROIOptions(),
@@ -86,13 +88,14 @@ def refine_segments(
     """Refine every large-enough mask of one image on its expanded box.
 
     Args:
-        refiner: the CRM refiner (its device is used).
+        refiner: the refiner, CRM or CascadePSP (its device is used).
         image: (3, H, W) uint8 (or 0..255 float) RGB at the ORIGINAL resolution.
         masks: (N, H, W) bool, or float probabilities in [0, 1] (binarised at 0.5 for the box
             and the area; the soft values are what CRM sees).
         options: ROI expansion, minimum area and batching.
         isthing: per-mask flag copied into the results (default all True).
-        scales, exact: passed to :meth:`CRMRefiner.refine_tensors`.
+        scales, exact: passed to ``refiner.refine_tensors`` (CRM settings; CascadePSP takes
+            ``scales=None`` and ignores ``exact``).
 
     Returns:
         One :class:`RefinedSegment` per refined mask, ``segment_id`` = its index in ``masks``;

@@ -15,6 +15,9 @@ Examples::
         --panoptic-dir panoptic_val2017/ --images val2017/ --pred-json pred.json --pred-dir pred/
     crm-eval --weights W --output out/ --big BIG/test/
 
+    # the same with CascadePSP (its released file 'model') instead of CRM
+    crm-eval --refiner cascadepsp --weights model --output out/ --big BIG/test/
+
     # several processes (GPUs or CPU), one or several nodes sharing the output folder
     torchrun --nproc_per_node 4 -m crm_d2.cli.eval --device cuda --weights W --output out/ ...
 """
@@ -39,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     w = p.add_argument_group("model")
+    w.add_argument(
+        "--refiner",
+        choices=("crm", "cascadepsp", "guided_filter"),
+        default="crm",
+        help="refiner (CascadePSP: the released file 'model' as --weights; guided_filter: the "
+        "training-free baseline, no weights; --scales and --chunk-size are CRM options)",
+    )
     w.add_argument(
         "--weights",
         default=None,
@@ -215,6 +225,35 @@ def _config(args: argparse.Namespace):
         raise _fail(str(e)) from e
 
 
+def _cascadepsp_refiner(args: argparse.Namespace, device: str):
+    import torch
+
+    from crm_d2 import CascadePSPRefiner
+    from crm_d2.checkpoint import CASCADEPSP_HINT, CheckpointError
+    from crm_d2.modeling.cascadepsp import (
+        CASCADEPSP_ARCH,
+        CASCADEPSP_TINY_ARCH,
+        CascadePSPNet,
+    )
+
+    crm_only = [k for k, v in (("--scales", args.scales), ("--chunk-size", args.chunk_size)) if v]
+    if crm_only:
+        raise _fail(f"{', '.join(crm_only)}: CRM option(s), not for --refiner cascadepsp")
+    if args.random_weights is not None:
+        if args.weights:
+            raise _fail("--weights and --random-weights exclude each other")
+        torch.manual_seed(args.seed)
+        arch = CASCADEPSP_ARCH if args.random_weights == "official" else CASCADEPSP_TINY_ARCH
+        desc = f"RANDOM CascadePSP ({args.random_weights} architecture, seed {args.seed})"
+        return CascadePSPRefiner(CascadePSPNet(arch), device), desc
+    if not args.weights:
+        raise _fail(f"no CascadePSP weights: pass --weights PATH. {CASCADEPSP_HINT}")
+    try:
+        return CascadePSPRefiner.from_checkpoint(args.weights, device), args.weights
+    except CheckpointError as e:
+        raise _fail(str(e)) from e
+
+
 def _refiner(args: argparse.Namespace, device: str):
     import torch
 
@@ -222,6 +261,18 @@ def _refiner(args: argparse.Namespace, device: str):
     from crm_d2.modeling.crm import OFFICIAL_ARCH, TINY_ARCH
     from crm_d2.weights import default_weights_path
 
+    if args.refiner == "cascadepsp":
+        return _cascadepsp_refiner(args, device)
+    if args.refiner == "guided_filter":
+        from crm_d2.guided_filter import GuidedFilterRefiner
+
+        given = [k for k, v in (("--scales", args.scales), ("--chunk-size", args.chunk_size),
+                                ("--weights", args.weights),
+                                ("--random-weights", args.random_weights)) if v]
+        if given:
+            raise _fail(f"{', '.join(given)}: not for --refiner guided_filter (no weights)")
+        refiner = GuidedFilterRefiner(device=device)
+        return refiner, repr(refiner)
     kwargs = {}
     if args.chunk_size is not None:
         kwargs["chunk_size"] = args.chunk_size

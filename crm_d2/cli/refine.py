@@ -1,8 +1,9 @@
-"""``crm-refine``: refine one mask of one image with CRM.
+"""``crm-refine``: refine one mask of one image with CRM (or CascadePSP).
 
 Example::
 
     crm-refine photo.jpg coarse.png -o refined.png --weights model_45705 --overlay compare.png
+    crm-refine photo.jpg coarse.png -o refined.png --refiner cascadepsp --weights model
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="crm-refine",
-        description="Refine a coarse segmentation mask with CRM (Continuous Refinement Model). "
+        description="Refine a coarse segmentation mask with CRM (Continuous Refinement Model), "
+        "CascadePSP or the guided filter. "
         "Images are read upright (EXIF orientation applied, as detectron2 does); masks follow "
         "crm_d2's one reading rule (gray 0..255 or 0/1, 16-bit, palette index > 0, coloured "
         "non-zero, cut-out alpha: see the README).",
@@ -36,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mask", help="coarse mask of the same size")
     p.add_argument("-o", "--output", required=True,
                    help="refined mask, a lossless image file (.png, .tif, .bmp)")
+    p.add_argument("--refiner", choices=("crm", "cascadepsp", "guided_filter"), default="crm",
+                   help="refiner: CRM (Shen et al. 2022), CascadePSP (Cheng et al. 2020) or the "
+                        "training-free guided filter (He et al. 2010)")
     p.add_argument("--weights", default=None,
-                   help="CRM checkpoint: the official model_45705, or a crm_d2 checkpoint "
-                        "(default: the weights shipped with crm_d2, if any)")
+                   help="checkpoint: for CRM the official model_45705 or a crm_d2 checkpoint "
+                        "(default: the weights shipped with crm_d2, if any); for CascadePSP "
+                        "the released file 'model' (no default); none for the guided filter")
     p.add_argument("--scales", type=positive_float, nargs="+", default=None,
                    help="input scales, coarse to fine (default: the checkpoint's, else "
                         f"{' '.join(map(str, DEFAULT_SCALES))})")
@@ -58,15 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries per decoder call")
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the memory estimate exceeds the available memory")
+    p.add_argument("--fast", action="store_true",
+                   help="CascadePSP: global step only (no local step)")
+    p.add_argument("--L", type=positive_int, default=None,
+                   help="CascadePSP: long side of the global step and local crop size "
+                        "(default 900)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def _resolve_weights(weights: str | None) -> str:
+def _resolve_weights(weights: str | None, refiner: str = "crm") -> str | None:
+    from crm_d2.checkpoint import CASCADEPSP_HINT
     from crm_d2.weights import default_weights_path
 
+    if refiner == "guided_filter":
+        if weights:
+            raise SystemExit("crm-refine: the guided filter takes no --weights")
+        return None
     if weights:
         return weights
+    if refiner == "cascadepsp":
+        raise SystemExit(
+            f"crm-refine: no CascadePSP weights. Pass --weights PATH. {CASCADEPSP_HINT}"
+        )
     default = default_weights_path()
     if default is None:
         raise SystemExit(
@@ -118,31 +138,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from crm_d2 import CRMRefiner
     from crm_d2.memory import check_memory
+    from crm_d2.refiners import load_refiner
 
-    kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
-    if args.scales is not None:
-        kwargs["scales"] = args.scales
-    weights = _resolve_weights(args.weights)
-    logger.info("loading CRM weights %s", weights)
+    crm = args.refiner == "crm"
+    crm_only = {"--scales": args.scales, "--exact": args.exact, "--chunk-size": args.chunk_size}
+    cascadepsp_only = {"--fast": args.fast, "--L": args.L}
+    foreign = [k for k, v in crm_only.items() if v not in (None, False)] if not crm else []
+    if args.refiner != "cascadepsp":
+        foreign += [k for k, v in cascadepsp_only.items() if v not in (None, False)]
+    if foreign:
+        parser.error(f"{', '.join(foreign)} do(es) not apply to --refiner {args.refiner}")
+    if crm:
+        kwargs = {"chunk_size": args.chunk_size, "scales": args.scales}
+        refine_kwargs = {"exact": args.exact}
+    elif args.refiner == "cascadepsp":
+        kwargs, refine_kwargs = {"L": args.L, "fast": args.fast}, {}
+    else:
+        kwargs, refine_kwargs = {}, {}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    weights = _resolve_weights(args.weights, args.refiner)
+    logger.info("loading the %s refiner%s", args.refiner, f" ({weights})" if weights else "")
     try:
-        refiner = CRMRefiner.from_checkpoint(weights, args.device, **kwargs)
+        refiner = load_refiner(args.refiner, weights, args.device, **kwargs)
     except ValueError as e:  # CheckpointError and bad scales / architecture alike
         raise _fail(str(e)) from e
-    try:
-        need = check_memory(
-            h, w, refiner.arch, refiner.scales, refiner.device,
-            what=f"{args.image} ({w}x{h})",
-            helps="Refine a downscaled copy of the image (and mask), leave out the finest "
-                  "scale (e.g. --scales 0.125 0.25 0.5), or use a machine or GPU with more "
-                  "memory; --no-memory-check runs anyway.",
-        )
-    except MemoryError as e:
-        if not args.no_memory_check:
-            raise _fail(str(e)) from e
-        logger.warning("%s (--no-memory-check: running anyway)", e)
-        need = None
+    need = None
+    if crm:
+        try:
+            need = check_memory(
+                h, w, refiner.arch, refiner.scales, refiner.device,
+                what=f"{args.image} ({w}x{h})",
+                helps="Refine a downscaled copy of the image (and mask), leave out the finest "
+                      "scale (e.g. --scales 0.125 0.25 0.5), or use a machine or GPU with more "
+                      "memory; --no-memory-check runs anyway.",
+            )
+        except MemoryError as e:
+            if not args.no_memory_check:
+                raise _fail(str(e)) from e
+            logger.warning("%s (--no-memory-check: running anyway)", e)
 
     bars: dict[str, tqdm] = {}
 
@@ -158,13 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if done == total:
             bar.close()
 
+    how = {"crm": lambda: f"CRM, scales {refiner.scales}",
+           "cascadepsp": lambda: f"CascadePSP, L={refiner.L}{', fast' if refiner.fast else ''}",
+           "guided_filter": lambda: repr(refiner)}[args.refiner]()
     logger.info(
-        "refining %dx%d (reflect-padded to %dx%d) with scales %s on %s%s", w, h, w + 64, h + 64,
-        refiner.scales, refiner.device,
+        "refining %dx%d with %s on %s%s", w, h, how, refiner.device,
         "" if need is None else f", about {need / 2**30:.1f} GiB of memory",
     )
     t0 = time.perf_counter()
-    prob = refiner.refine(image, mask, exact=args.exact, progress=progress)
+    prob = refiner.refine(image, mask, progress=progress, **refine_kwargs)
     logger.info("refined in %.2f s", time.perf_counter() - t0)
 
     if args.threshold is None:

@@ -33,8 +33,8 @@ from ..evaluation.binary import (
 )
 from ..evaluation.panoptic import write_panoptic_png
 from ..fusion import RefinedSegment, expand_box, fuse_instances, fuse_panoptic, mask_to_box
-from ..inference import CRMRefiner
 from ..io import read_image, read_mask, save_image
+from ..refiners import Refiner
 from .coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
 from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation
 from .matching import match_instances, match_panoptic, rle_encode
@@ -54,7 +54,7 @@ class ProcessContext:
     """What every per-image function needs.
 
     Attributes:
-        refiner: the CRM refiner.
+        refiner: the refiner (CRM or CascadePSP).
         settings: ROI options, scales, downscaling.
         layout: the output folder.
         coarse: coarse masks from the ground truth (None: the given predictions).
@@ -62,7 +62,7 @@ class ProcessContext:
             binary mask.
     """
 
-    refiner: CRMRefiner
+    refiner: Refiner
     settings: RefineSettings
     layout: OutputLayout
     coarse: CoarseSpec | None = None

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from ..fusion import RefinedSegment
-from ..inference import CRMRefiner
+from ..refiners import Refiner
 from ..segments import ROIOptions, refine_segments
 
 __all__ = ["RefineSettings", "reduced_size", "refine_masks"]
@@ -91,7 +91,7 @@ def _to_original(
 
 @torch.no_grad()
 def refine_masks(
-    refiner: CRMRefiner,
+    refiner: Refiner,
     image: np.ndarray,
     masks: np.ndarray,
     settings: RefineSettings,
@@ -100,7 +100,7 @@ def refine_masks(
     """Refine every mask of one image whose original area exceeds ``settings.roi.min_area``.
 
     Args:
-        refiner: the CRM refiner.
+        refiner: the refiner (CRM or CascadePSP).
         image: (H, W, 3) uint8 RGB.
         masks: (N, H, W) bool, or float32 probabilities in [0, 1] (soft coarse masks: the box
             and the area use ``> 0.5``, CRM sees the soft values).

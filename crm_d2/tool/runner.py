@@ -23,6 +23,7 @@ from ..distributed import init_distributed as _init_distributed
 from ..inference import CRMRefiner
 from ..io import image_size
 from ..memory import check_memory
+from ..refiners import Refiner
 from .as_panoptic import InstancesAsPanoptic
 from .coarse import CoarseSpec
 from .datasets import BigSet, CocoInstanceSet, CocoPanopticSet, ImageItem
@@ -117,7 +118,7 @@ class EvalConfig:
                 "--soft-coarse needs a soft --coarse-from-gt kind (stride<K>, e.g. stride8)"
             )
 
-    def settings_record(self, refiner: CRMRefiner) -> dict[str, Any]:
+    def settings_record(self, refiner: Refiner) -> dict[str, Any]:
         """The settings that shape per-image results (stored with the cache)."""
         roi = self.settings.roi
         paths = {
@@ -163,15 +164,22 @@ class EvalConfig:
             "coarse": self.coarse.describe() if self.coarse else "given predictions",
             "soft_coarse": self.soft_coarse,
             "weights": self.weights,
-            "scales": list(
-                refiner.scales if self.settings.scales is None else self.settings.scales
-            ),
+            **_refiner_record(refiner, self.settings.scales),
             "random_weights": self.random_weights,
             "expand_ratio": roi.expand_ratio,
             "min_area": roi.min_area,
             "size_multiple": roi.size_multiple,
             "max_side": self.settings.max_side,
         }
+
+
+def _refiner_record(refiner, scales: tuple[float, ...] | None) -> dict[str, Any]:
+    """What of the refiner shapes the outputs: CRM's scales, or the other refiner's settings."""
+    if isinstance(refiner, CRMRefiner):
+        return {"scales": list(refiner.scales if scales is None else scales)}
+    if scales is not None:
+        raise ValueError(f"input scales are a CRM setting; the {refiner.kind} refiner has none")
+    return refiner.settings_record()
 
 
 def _file_digest(path: str) -> str:
@@ -295,7 +303,7 @@ def _refine_shard(
 
 
 def run_evaluation(
-    config: EvalConfig, refiner: CRMRefiner, dist: DistInfo | None = None
+    config: EvalConfig, refiner: Refiner, dist: DistInfo | None = None
 ) -> dict | None:
     """Refine the inputs of ``config`` with ``refiner`` and evaluate before/after.
 
