@@ -363,5 +363,5 @@ def test_crm_eval_flag(tmp_path, weights):
     with pytest.raises(SystemExit, match="no CascadePSP weights"):
         cli.main(["--refiner", "cascadepsp", "--output", str(tmp_path / "o3"), *args])
     # the CascadePSP run's cache is not reused by a CRM run in the same folder
-    with pytest.raises(SystemExit, match="other settings.*refiner"):
+    with pytest.raises(SystemExit, match="other inputs or settings.*refiner"):
         cli.main(["--random-weights", "tiny", "--output", str(out), *args])

@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.refiner != "cascadepsp":
         foreign += [k for k, v in cascadepsp_only.items() if v not in (None, False)]
     if foreign:
-        parser.error(f"{', '.join(foreign)} do(es) not apply to --refiner {args.refiner}")
+        raise _fail(f"{', '.join(foreign)} do(es) not apply to --refiner {args.refiner}")
     if crm:
         kwargs = {"chunk_size": args.chunk_size, "scales": args.scales}
         refine_kwargs = {"exact": args.exact}
@@ -158,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs, refine_kwargs = {}, {}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     weights = _resolve_weights(args.weights, args.refiner)
-    logger.info("loading the %s refiner%s", args.refiner, f" ({weights})" if weights else "")
+    names = {"crm": "CRM", "cascadepsp": "CascadePSP", "guided_filter": "guided filter"}
+    logger.info("loading %s %s", names[args.refiner], f"weights {weights}" if weights else "")
     try:
         refiner = load_refiner(args.refiner, weights, args.device, **kwargs)
     except ValueError as e:  # CheckpointError and bad scales / architecture alike
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if done == total:
             bar.close()
 
-    how = {"crm": lambda: f"CRM, scales {refiner.scales}",
+    how = {"crm": lambda: f"CRM, reflect-padded to {w + 64}x{h + 64}, scales {refiner.scales}",
            "cascadepsp": lambda: f"CascadePSP, L={refiner.L}{', fast' if refiner.fast else ''}",
            "guided_filter": lambda: repr(refiner)}[args.refiner]()
     logger.info(

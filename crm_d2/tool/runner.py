@@ -212,13 +212,16 @@ def init_distributed(device: str) -> tuple[DistInfo, str]:
     return _init_distributed(device, DIST_TIMEOUT)
 
 
-def check_dataset_memory(config: EvalConfig, items: list[ImageItem], refiner: CRMRefiner) -> None:
+def check_dataset_memory(config: EvalConfig, items: list[ImageItem], refiner: Refiner) -> None:
     """Refuse, before any refinement, a set whose largest image (the largest possible ROI, at
     ``--max-side`` if given) would not fit in memory (:func:`crm_d2.memory.check_memory`).
+    The estimate is CRM's; other refiners are not checked.
 
     Raises:
         ValueError: with the estimate and the options that help.
     """
+    if not isinstance(refiner, CRMRefiner):
+        return
     largest, size = None, (0, 0)
     for item in items:
         if item.height is not None:
