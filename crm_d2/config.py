@@ -85,7 +85,8 @@ def add_crm_config(cfg: CN) -> None:
     # "sem_seg"; [] = chosen from the inner meta-architecture and the dataset.
     c.EVALUATORS = []
     # Coarse masks of the SIMULATED inner model CoarseGTSimulator (crm_d2.simulator): the
-    # ground truth rendered as crm-eval's --coarse-from-gt SPEC ("lowres:K" or "perturb").
+    # ground truth rendered as crm-eval's --coarse-from-gt SPEC: "lowres:K" (stride-K binary
+    # masks), "roi:28" (Mask R-CNN 28x28 masks pasted into their boxes) or "perturb".
     c.SIMULATOR_COARSE = "lowres:8"
 
 

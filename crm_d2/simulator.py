@@ -5,7 +5,8 @@ detectron2 weights, it returns, for every input image, its own ground truth degr
 ``crm-eval --coarse-from-gt`` degrades it (:func:`crm_d2.tool.coarse.render_instances` /
 :func:`~crm_d2.tool.coarse.render_panoptic` with ``MODEL.CRM.SIMULATOR_COARSE``, default
 ``lowres:8``: each mask rendered at 1/8 resolution, upsampled and thresholded, the binary
-mask of a stride-8 network). Wrapped in :class:`crm_d2.meta_arch.CRMRefinedModel`, one
+mask of a stride-8 network; ``roi:28``: Mask R-CNN style, the mask in its box at 28 x 28,
+pasted back and thresholded). Wrapped in :class:`crm_d2.meta_arch.CRMRefinedModel`, one
 ``tools/train_net.py --eval-only`` run then shows real before/after numbers through the whole
 detectron2 path (data loader, meta-architecture, fusion, detectron2's evaluators), equal to
 ``crm-eval --coarse-from-gt`` on the same data.

@@ -796,3 +796,21 @@ def test_panoptic_perfect_refiner_from_lowres_coarse(shared_data, tmp_path, weig
         out / "coarse_panoptic.json", out / "coarse_panoptic",
     )  # fmt: skip
     assert close(rep["before"]["pq/All/pq"], 100 * expect["All"]["pq"])
+
+
+def test_roi_coarse_is_mask_rcnn_style():
+    """roi:28: the mask in its tight box at 28x28, pasted back: a small object keeps its
+    outline, a large one loses detail at the scale of its box / 28."""
+    spec = CoarseSpec.parse("roi:28")
+    assert spec.describe() == "roi:28"
+    small = np.zeros((100, 120), bool)
+    small[10:24, 30:58] = True  # 14x28: exactly representable at 28x28
+    assert np.array_equal(spec.render(small, (0, 0)) >= 128, small)
+    big = np.zeros((400, 500), bool)
+    big[50:350, 40:460] = True
+    big[100:104, 100:400] = False  # a 4-px slit, thinner than one 28x28 cell of this box
+    coarse = spec.render(big, (0, 0)) >= 128
+    assert coarse[50:350, 40:460].sum() > big[50:350, 40:460].sum()  # the slit is filled
+    assert not coarse[:50].any() and not coarse[:, :40].any()  # nothing outside the box
+    with pytest.raises(ValueError, match="roi:M"):
+        CoarseSpec.parse("roi:1")

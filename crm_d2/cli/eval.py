@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--coarse-from-gt",
         metavar="SPEC",
         help="make the coarse predictions from the ground truth: lowres:K (render "
-        "at 1/K and upsample bilinearly; K = 4, 8, 16), perturb or "
+        "at 1/K and upsample bilinearly; K = 4, 8, 16), roi:M (Mask R-CNN style: the "
+        "mask in its box at M x M, e.g. 28, pasted back), perturb or "
         "perturb:LO-HI (CRM's training perturbation, IoU target in [LO, HI), "
         "default 0.8-1.0)",
     )

@@ -8,6 +8,9 @@ Two kinds (``--coarse-from-gt``):
   (:func:`crm_d2.training.perturb.lowres_perturb`), what a stride-K network produces. The soft
   0..255 map is what CRM receives with ``--soft-coarse``; the binary coarse mask is
   ``soft >= 128`` (probability > 0.5).
+* ``roi:M`` (Mask R-CNN style, ``roi:28``): the mask inside its tight box resampled to M x M
+  (area averaging) and pasted back bilinearly into the box, what a Mask R-CNN mask head with
+  an M x M output gives for a perfect box; binary as ``lowres``.
 * ``perturb`` or ``perturb:LO-HI``: the CRM training perturbation
   (:func:`crm_d2.training.perturb.perturb_mask`) with an IoU target drawn uniformly from
   ``[LO, HI)`` (default ``[0.8, 1.0)``, the training range).
@@ -24,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 from ..training.perturb import lowres_perturb, perturb_mask, random_iou_target
@@ -44,8 +48,8 @@ class CoarseSpec:
     """How coarse masks are made from ground truth.
 
     Attributes:
-        kind: ``"lowres"`` or ``"perturb"``.
-        k: downsampling factor of ``lowres`` (>= 2).
+        kind: ``"lowres"``, ``"roi"`` or ``"perturb"``.
+        k: downsampling factor of ``lowres`` (>= 2); mask-head resolution of ``roi``.
         iou_low, iou_high: IoU target range of ``perturb``.
         seed: base seed of ``perturb``.
     """
@@ -57,10 +61,12 @@ class CoarseSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("lowres", "perturb"):
-            raise ValueError(f"coarse kind must be 'lowres' or 'perturb', got {self.kind!r}")
-        if self.kind == "lowres" and self.k < 2:
-            raise ValueError(f"lowres factor must be an integer >= 2, got {self.k}")
+        if self.kind not in ("lowres", "roi", "perturb"):
+            raise ValueError(
+                f"coarse kind must be 'lowres', 'roi' or 'perturb', got {self.kind!r}"
+            )
+        if self.kind in ("lowres", "roi") and self.k < 2:
+            raise ValueError(f"{self.kind} factor must be an integer >= 2, got {self.k}")
         if self.kind == "perturb" and not 0.0 < self.iou_low < self.iou_high <= 1.0:
             raise ValueError(
                 f"perturb IoU range must satisfy 0 < LO < HI <= 1, got {self.iou_low}-"
@@ -69,13 +75,14 @@ class CoarseSpec:
 
     @classmethod
     def parse(cls, text: str, seed: int = 0) -> CoarseSpec:
-        """Parse ``lowres:K`` or ``perturb`` / ``perturb:LO-HI`` (e.g. ``perturb:0.6-0.9``)."""
+        """Parse ``lowres:K``, ``roi:M`` or ``perturb`` / ``perturb:LO-HI`` (e.g.
+        ``perturb:0.6-0.9``)."""
         kind, _, arg = text.strip().partition(":")
         try:
-            if kind == "lowres":
+            if kind in ("lowres", "roi"):
                 if not arg:
                     raise ValueError("missing factor")
-                return cls("lowres", k=int(arg), seed=seed)
+                return cls(kind, k=int(arg), seed=seed)
             if kind == "perturb":
                 if not arg:
                     return cls("perturb", seed=seed)
@@ -86,16 +93,16 @@ class CoarseSpec:
         except ValueError as e:
             raise ValueError(
                 f"bad coarse-from-gt spec {text!r} ({e}): use lowres:K (K = 4, 8, 16 ...), "
-                "perturb or perturb:LO-HI"
+                "roi:M (M = 28), perturb or perturb:LO-HI"
             ) from e
         raise ValueError(
-            f"bad coarse-from-gt spec {text!r}: use lowres:K (K = 4, 8, 16 ...), perturb or "
-            "perturb:LO-HI"
+            f"bad coarse-from-gt spec {text!r}: use lowres:K (K = 4, 8, 16 ...), roi:M "
+            "(M = 28), perturb or perturb:LO-HI"
         )
 
     def describe(self) -> str:
-        if self.kind == "lowres":
-            return f"lowres:{self.k}"
+        if self.kind in ("lowres", "roi"):
+            return f"{self.kind}:{self.k}"
         return f"perturb:{self.iou_low:g}-{self.iou_high:g} (seed {self.seed})"
 
     def render(self, gt: np.ndarray, key: Sequence[int]) -> np.ndarray:
@@ -112,9 +119,26 @@ class CoarseSpec:
         gt_u8 = np.ascontiguousarray(gt, dtype=np.uint8) * 255
         if self.kind == "lowres":
             return lowres_perturb(gt_u8, self.k)
+        if self.kind == "roi":
+            return _roi_resample(gt_u8, self.k)
         rng = np.random.default_rng([self.seed, *(int(v) for v in key)])
         target = random_iou_target(rng, self.iou_low, self.iou_high)
         return perturb_mask(gt_u8, target, rng)
+
+
+def _roi_resample(gt_u8: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) uint8 0/255 mask -> its tight box resampled to size x size and pasted back."""
+    rows = np.flatnonzero(gt_u8.any(axis=1))
+    out = np.zeros_like(gt_u8)
+    if rows.size == 0:
+        return out
+    cols = np.flatnonzero(gt_u8.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop = gt_u8[y0:y1, x0:x1].astype(np.float32)
+    small = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    back = cv2.resize(small, (int(x1 - x0), int(y1 - y0)), interpolation=cv2.INTER_LINEAR)
+    out[y0:y1, x0:x1] = np.clip(np.round(back), 0, 255).astype(np.uint8)
+    return out
 
 
 def image_seed_key(image_id: int | str) -> int:

@@ -112,9 +112,9 @@ class EvalConfig:
                     "COCO panoptic needs either --pred-json/--pred-dir or "
                     "--coarse-from-gt SPEC (one of them)"
                 )
-        if self.soft_coarse and (self.coarse is None or self.coarse.kind != "lowres"):
+        if self.soft_coarse and (self.coarse is None or self.coarse.kind == "perturb"):
             raise ValueError(
-                "--soft-coarse needs --coarse-from-gt lowres:K (the only soft coarse masks)"
+                "--soft-coarse needs --coarse-from-gt lowres:K or roi:M (the soft coarse masks)"
             )
 
     def settings_record(self, refiner: CRMRefiner) -> dict[str, Any]:
