@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -205,7 +207,8 @@ def test_memory_estimate_refuses_up_front_and_names_the_options(files, weights, 
     assert cli.main(_args(files, weights, "-o", str(files / "o.png"), "--no-memory-check")) == 0
 
 
-def test_logs_each_step_before_the_progress_bar(files, weights, caplog):
+def test_logs_each_step_before_the_progress_bar(files, weights, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("crm_d2"), "propagate", True)  # after detectron2
     caplog.set_level("INFO")
     cli.main(_args(files, weights, "-o", str(files / "o.png")))
     text = caplog.text
