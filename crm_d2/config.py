@@ -89,8 +89,9 @@ def add_crm_config(cfg: CN) -> None:
     # "sem_seg"; [] = chosen from the inner meta-architecture and the dataset.
     c.EVALUATORS = []
     # Coarse masks of the SIMULATED inner model CoarseGTSimulator (crm_d2.simulator): the
-    # ground truth rendered as crm-eval's --coarse-from-gt SPEC ("lowres:K" or "perturb").
-    c.SIMULATOR_COARSE = "lowres:8"
+    # ground truth rendered as crm-eval's --coarse-from-gt KIND (crm_d2.coarse): "stride8_binary"
+    # (stride-8 binary masks), "maskrcnn" (Mask R-CNN 28x28 masks pasted into their boxes), ...
+    c.SIMULATOR_COARSE = "stride8_binary"
 
 
 def resolve_base(base: str, including_file: str) -> str:

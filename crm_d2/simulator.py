@@ -4,8 +4,9 @@ It is not a segmentation model. For demos and tests of the detectron2 path witho
 detectron2 weights, it returns, for every input image, its own ground truth degraded the way
 ``crm-eval --coarse-from-gt`` degrades it (:func:`crm_d2.tool.coarse.render_instances` /
 :func:`~crm_d2.tool.coarse.render_panoptic` with ``MODEL.CRM.SIMULATOR_COARSE``, default
-``lowres:8``: each mask rendered at 1/8 resolution, upsampled and thresholded, the binary
-mask of a stride-8 network). Wrapped in :class:`crm_d2.meta_arch.CRMRefinedModel`, one
+``stride8_binary``: each mask rendered at 1/8 resolution, upsampled and thresholded, the
+binary mask of a stride-8 network; ``maskrcnn``: Mask R-CNN style, the mask in its box at 28 x 28,
+pasted back and thresholded). Wrapped in :class:`crm_d2.meta_arch.CRMRefinedModel`, one
 ``tools/train_net.py --eval-only`` run then shows real before/after numbers through the whole
 detectron2 path (data loader, meta-architecture, fusion, detectron2's evaluators), equal to
 ``crm-eval --coarse-from-gt`` on the same data.
@@ -59,7 +60,8 @@ class CoarseGTSimulator(nn.Module):
     def __init__(self, *, coarse: CoarseSpec) -> None:
         """
         Args:
-            coarse: how the ground truth is degraded (``lowres:K`` or ``perturb``).
+            coarse: how the ground truth is degraded (a :mod:`crm_d2.coarse` kind, e.g.
+                ``stride8_binary``).
         """
         super().__init__()
         self.coarse = coarse

@@ -91,4 +91,9 @@ def pytest_report_header(config):
         d2 = "detectron2 NOT installed: detectron2 tests SKIP"
     data = f"shared data at {root}: real-data tests RUN" if root else (
         "shared data NOT found: real-data tests SKIP")
-    return [d2, data]
+    import importlib.util
+
+    pq = ("panopticapi installed: detectron2 panoptic-evaluation tests RUN"
+          if importlib.util.find_spec("panopticapi") else
+          "panopticapi NOT installed: detectron2 panoptic-evaluation tests SKIP")
+    return [d2, data, pq]

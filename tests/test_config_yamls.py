@@ -41,6 +41,7 @@ INNER = {
     "mask_rcnn_R_50_FPN_1x_crm.yaml": "GeneralizedRCNN",
     "panopticfcn_R50_400_3x_crm.yaml": "PanopticFCN",
     "entityseg_R50_1x_crm.yaml": "EntityFPN",
+    "coarse_gt_simulator_crm.yaml": "CoarseGTSimulator",
 }
 
 

@@ -5,6 +5,7 @@ resumed report says so; the logs say which table is before and which is after.""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,15 @@ from crm_d2.cli import eval as cli
 from crm_d2.evaluation.panoptic import write_panoptic_png
 from crm_d2.tool.datasets import rle_counts, rle_problem
 from crm_d2.tool.matching import rle_encode
+
+
+@pytest.fixture()
+def logs(caplog, monkeypatch):
+    """caplog that also sees crm_d2's records when detectron2's setup_logger (run by an earlier
+    test in this process) stopped the 'crm_d2' logger from propagating."""
+    monkeypatch.setattr(logging.getLogger("crm_d2"), "propagate", True)
+    caplog.set_level("INFO")
+    return caplog
 
 
 @pytest.fixture()
@@ -81,7 +91,7 @@ def test_bad_results_are_refused_up_front_naming_the_result(tmp_path, tiny_weigh
         cli.main(args)
 
 
-def test_dict_truncated_and_empty_prediction_files(tmp_path, tiny_weights, no_refine, caplog):
+def test_dict_truncated_and_empty_prediction_files(tmp_path, tiny_weights, no_refine, logs):
     make_coco(tmp_path / "data")
     root = tmp_path / "data"
     args = coco_args(root, tmp_path / "out", tiny_weights)
@@ -96,9 +106,8 @@ def test_dict_truncated_and_empty_prediction_files(tmp_path, tiny_weights, no_re
         cli.main(args)
     make_coco(tmp_path / "data2")
     _write_results(tmp_path / "data2", [])
-    caplog.set_level("WARNING")
     cli.main(coco_args(tmp_path / "data2", tmp_path / "out2", tiny_weights))
-    assert "holds no results" in caplog.text
+    assert "holds no results" in logs.text
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +188,7 @@ def test_cache_is_keyed_on_what_the_inputs_hold(tmp_path, tiny_weights, make_crm
     cli.main([*args, "--overwrite"])
     from_gt = ["--weights", str(weights), "--output", str(out), "--coco-instances",
                str(root / "gt.json"), "--images", str(root / "images"), "--coarse-from-gt",
-               "lowres:8", "--scales", "0.5", "1", "--quiet"]
+               "stride8", "--scales", "0.5", "1", "--quiet"]
     with pytest.raises(SystemExit, match="differing: .*coarse"):
         cli.main(from_gt)
 
@@ -200,9 +209,9 @@ def test_resumed_report_says_so_and_gives_the_whole_refinement_time(tmp_path, ti
     assert f"Refinement of all 3 images took {total:.1f} s in total" in md
 
 
-def test_logs_name_the_before_and_after_tables(tmp_path, tiny_weights, caplog):
+def test_logs_name_the_before_and_after_tables(tmp_path, tiny_weights, logs):
+    caplog = logs
     make_coco(tmp_path / "data")
-    caplog.set_level("INFO")
     cli.main(coco_args(tmp_path / "data", tmp_path / "out", tiny_weights, "--overlays", "0"))
     for label in ("before (coarse input)", "after (refined by CRM)"):
         assert f"COCO segm AP of {label}" in caplog.text

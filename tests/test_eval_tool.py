@@ -796,3 +796,21 @@ def test_panoptic_perfect_refiner_from_stride_coarse(shared_data, tmp_path, weig
         out / "coarse_panoptic.json", out / "coarse_panoptic",
     )  # fmt: skip
     assert close(rep["before"]["pq/All/pq"], 100 * expect["All"]["pq"])
+
+
+def test_maskrcnn_coarse_from_gt():
+    """maskrcnn: the mask in its tight box at 28x28, pasted back: a small object keeps its
+    outline (its 4 corner pixels aside), a large one loses detail at the scale of its box / 28."""
+    spec = CoarseSpec.parse("maskrcnn")
+    assert spec.describe() == "maskrcnn"
+    small = np.zeros((100, 120), bool)
+    small[10:24, 30:58] = True  # 14x28: exactly representable at 28x28
+    assert ((spec.render(small, (0, 0)) >= 128) != small).sum() == 4
+    big = np.zeros((400, 500), bool)
+    big[50:350, 40:460] = True
+    big[100:104, 100:400] = False  # a 4-px slit, thinner than one 28x28 cell of this box
+    coarse = spec.render(big, (0, 0)) >= 128
+    assert coarse[100:104, 150:350].all()  # the slit is filled
+    assert not coarse[:50].any() and not coarse[:, :40].any()  # nothing outside the box
+    with pytest.raises(ValueError, match="maskrcnn"):
+        CoarseSpec.parse("maskrcnn:1")
