@@ -7,6 +7,7 @@ registers ``CRMRefinedModel``) and :mod:`crm_d2.d2_data`; they need detectron2.
 
 from .cascadepsp import CascadePSPRefiner
 from .checkpoint import CheckpointError, load_cascadepsp, load_crm, save_cascadepsp, save_crm
+from .guided_filter import GuidedFilterRefiner
 from .inference import DEFAULT_SCALES, CRMRefiner
 from .modeling import CRMArch, CRMNet
 from .refiners import load_refiner
@@ -20,6 +21,7 @@ __all__ = [
     "CRMRefiner",
     "CascadePSPRefiner",
     "CheckpointError",
+    "GuidedFilterRefiner",
     "load_cascadepsp",
     "load_crm",
     "load_refiner",

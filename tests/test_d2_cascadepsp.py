@@ -1,4 +1,4 @@
-"""``MODEL.CRM.REFINER cascadepsp``: the detectron2 wrapper with the CascadePSP refiner."""
+"""``MODEL.CRM.REFINER``: the detectron2 wrapper with the CascadePSP and guided-filter refiners."""
 
 from __future__ import annotations
 
@@ -54,4 +54,19 @@ def test_refiner_key_errors(psp_checkpoint):
         build_model(cfg)
     cfg.MODEL.CRM.REFINER = "psp"
     with pytest.raises(ValueError, match="unknown refiner 'psp'"):
+        build_model(cfg)
+
+
+def test_refiner_key_switches_to_the_guided_filter(psp_checkpoint):
+    from crm_d2 import GuidedFilterRefiner
+
+    cfg = d2_cfg("CRMTestPanopticFPN", "")
+    cfg.MODEL.CRM.REFINER = "guided_filter"
+    model = build_model(cfg)
+    assert isinstance(model.refiner, GuidedFilterRefiner)
+    (out,) = model.eval()(inputs_for())
+    assert out["panoptic_seg"][0].shape == (H, W)
+    cfg = d2_cfg("CRMTestPanopticFPN", psp_checkpoint)
+    cfg.MODEL.CRM.REFINER = "guided_filter"
+    with pytest.raises(ValueError, match="takes no weights"):
         build_model(cfg)

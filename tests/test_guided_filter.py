@@ -87,3 +87,32 @@ def test_refiner_interface():
     assert len(out) == 2
     with pytest.raises(ValueError, match="radius"):
         GuidedFilterRefiner(radius=0)
+
+
+def test_factory_cli_and_config_switch(tmp_path):
+    from crm_d2 import load_refiner
+    from crm_d2.cli import refine as cli
+
+    ref = load_refiner("guided_filter", radius=2)
+    assert isinstance(ref, GuidedFilterRefiner) and ref.radius == 2
+    with pytest.raises(ValueError, match="no weights"):
+        load_refiner("guided_filter", "some.pth")
+    with pytest.raises(ValueError, match="do not apply"):
+        load_refiner("guided_filter", scales=(1.0,))
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    m = np.zeros((24, 32), np.uint8)
+    m[4:20, 6:26] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    out = tmp_path / "o.png"
+    assert cli.main([str(tmp_path / "i.png"), str(tmp_path / "m.png"), "-o", str(out),
+                     "--refiner", "guided_filter", "--quiet"]) == 0
+    assert np.asarray(Image.open(out)).shape == (24, 32)
+    with pytest.raises(SystemExit, match="no --weights"):
+        cli.main([str(tmp_path / "i.png"), str(tmp_path / "m.png"), "-o", str(out),
+                  "--refiner", "guided_filter", "--weights", "x.pth"])
+    with pytest.raises(SystemExit, match="--scales"):
+        cli.main([str(tmp_path / "i.png"), str(tmp_path / "m.png"), "-o", str(out),
+                  "--refiner", "guided_filter", "--scales", "1"])
