@@ -11,7 +11,7 @@ Exactness: a window whose input crop covers the whole image gives :meth:`CRMNet.
 features (up to float rounding of the resize, ~1e-6). Elsewhere the convolutions see zero padding
 at the crop border instead of the image; ``halo`` input pixels of context keep that away from the
 window. The official ResNet-50 trunk's theoretical receptive field is about 270 input pixels
-(radius ~136), but its effective one is much smaller; :func:`receptive_radius` gives the
+(radius ~143, :func:`receptive_radius`), but its effective one is much smaller; :func:`receptive_radius` gives the
 theoretical radius of an architecture.
 
 Alignment: crops start on multiples of 8 input pixels (the trunk's total stride), so that every
@@ -64,7 +64,8 @@ def receptive_radius(arch: CRMArch) -> int:
     r += (arch.layers[1] * convs - 1) * jump
     r += convs * jump  # layer3 block 0, dilation 1
     r += (arch.layers[2] - 1) * convs * 2 * jump  # dilation 2
-    return r + 2  # last_conv 3x3 on the stride-2 grid
+    # the fusion's bilinear resize reads the next x3 sample; last_conv is 3x3 on the x1 grid
+    return r + jump + 2
 
 
 def encoder_bytes_per_pixel(net: CRMNet, batch: int = 1, itemsize: int = 4) -> int:
@@ -112,6 +113,7 @@ def encode_window(
     rows: tuple[int, int],
     cols: tuple[int, int],
     halo: int,
+    stats=None,
 ) -> Tensor:
     """Projected decoder features of feature cells ``rows x cols`` (half-open ranges).
 
@@ -121,6 +123,8 @@ def encode_window(
         mask: (B, 1, h, w) mask in [-1, 1] at the same scale.
         rows, cols: feature-cell ranges ``(a, b)`` of the window on the (fh, fw) grid.
         halo: input pixels of context around the window (rounded up to a multiple of 8).
+        stats: optional object whose ``encoded_pixels`` attribute is increased by the number
+            of input pixels the trunk ran on.
 
     Returns:
         (B, rows[1] - rows[0], cols[1] - cols[0], D) = ``net.project_features(net.encode(image,
@@ -138,6 +142,8 @@ def encode_window(
     y0, y1 = crop_range(ra, rb, h)
     x0, x1 = crop_range(ca, cb, w)
     x = torch.cat((image[:, :, y0:y1, x0:x1], mask[:, :, y0:y1, x0:x1]), dim=1)
+    if stats is not None:
+        stats.encoded_pixels += (y1 - y0) * (x1 - x0)
     t1, t2, t3 = net.feats(x)
     gy, gx = tap_sizes(h), tap_sizes(w)
     n1y, n1x = t1.shape[-2:]

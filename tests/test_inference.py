@@ -11,6 +11,7 @@ from conftest import random_crm
 from crm_d2 import CRMArch, CRMRefiner
 from crm_d2.inference import normalize_image, normalize_mask, prepare_inputs, reflect_pad
 from crm_d2.modeling.crm import TINY_ARCH, make_coord, make_coord_axes
+from crm_d2.sparse import FastOptions
 
 SMALL = TINY_ARCH
 
@@ -69,7 +70,7 @@ def test_exact_equals_fast_and_chunking(sample):
     img, mask = sample
     r = _refiner(chunk_size=1000)
     exact = r.refine(img, mask, exact=True)
-    fast = r.refine(img, mask, exact=False)
+    fast = r.refine(img, mask, exact=False, fast=FastOptions.dense())
     assert np.abs(exact - fast).max() < 1e-5
     one_chunk = _refiner(chunk_size=10**7).refine(img, mask, exact=True)
     assert np.abs(exact - one_chunk).max() < 1e-6
@@ -173,7 +174,8 @@ def test_progress_callback(sample):
     for exact, n in ((True, -(-hp * wp // 1500)), (False, -(-hp // (1500 // wp)))):
         calls = []
         r = _refiner(chunk_size=1500)
-        r.refine(img, mask, exact=exact, progress=lambda *a, c=calls: c.append(a))
+        r.refine(img, mask, exact=exact, progress=lambda *a, c=calls: c.append(a),
+                 fast=FastOptions.dense())
         assert len(calls) == 4 * n and calls[-1][1:] == (n, n)
         assert calls[0][0] == "scale 0.125 (1/4)"
 
