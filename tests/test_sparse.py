@@ -21,6 +21,15 @@ TILED = dict(tile=16, halo=8, memory_mb=0.5)
 ONE = (1.0,)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run many small windows: one intra-op thread is much faster on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def refiner() -> CRMRefiner:
     return CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True))
