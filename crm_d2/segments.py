@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .fusion import RefinedSegment, crop, expand_box, mask_to_box
 from .inference import CRMRefiner, normalize_image, normalize_mask
+from .sparse import FastOptions
 
 __all__ = ["ROIOptions", "refine_segments"]
 
@@ -82,6 +83,7 @@ def refine_segments(
     isthing: Sequence[bool] | None = None,
     scales: Sequence[float] | None = None,
     exact: bool = False,
+    fast: FastOptions | None = None,
 ) -> list[RefinedSegment]:
     """Refine every large-enough mask of one image on its expanded box.
 
@@ -92,7 +94,7 @@ def refine_segments(
             and the area; the soft values are what CRM sees).
         options: ROI expansion, minimum area and batching.
         isthing: per-mask flag copied into the results (default all True).
-        scales, exact: passed to :meth:`CRMRefiner.refine_tensors`.
+        scales, exact, fast: passed to :meth:`CRMRefiner.refine_tensors`.
 
     Returns:
         One :class:`RefinedSegment` per refined mask, ``segment_id`` = its index in ``masks``;
@@ -129,7 +131,7 @@ def refine_segments(
             batch = items[start : start + options.batch_size]
             img_b = torch.cat([crop(norm_image, box) for _, box in batch])
             msk_b = torch.stack([normalize_mask(crop(probs[i], box))[None] for i, box in batch])
-            out = refiner.refine_tensors(img_b, msk_b, scales=scales, exact=exact)
+            out = refiner.refine_tensors(img_b, msk_b, scales=scales, exact=exact, fast=fast)
             for (i, box), prob in zip(batch, out):
                 thing = True if isthing is None else bool(isthing[i])
                 results.append(RefinedSegment(segment_id=i, prob=prob, box=box, isthing=thing))

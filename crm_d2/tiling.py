@@ -10,9 +10,8 @@ applied to the fusion convolution (patches of the fused map), extended to the wh
 Exactness: a window whose input crop covers the whole image gives :meth:`CRMNet.encode`'s
 features (up to float rounding of the resize, ~1e-6). Elsewhere the convolutions see zero padding
 at the crop border instead of the image; ``halo`` input pixels of context keep that away from the
-window. The official ResNet-50 trunk's theoretical receptive field is about 270 input pixels
-(radius ~143, :func:`receptive_radius`), but its effective one is much smaller; :func:`receptive_radius` gives the
-theoretical radius of an architecture.
+window. The official ResNet-50 trunk's theoretical receptive-field radius is about 143 input
+pixels (:func:`receptive_radius` gives it for any architecture), its effective one much smaller.
 
 Alignment: crops start on multiples of 8 input pixels (the trunk's total stride), so that every
 strided layer samples the same positions as on the whole image.
