@@ -125,13 +125,14 @@ def refine_segments(
         box = _round_box(box, options.size_multiple, height, width)
         groups[(box[3] - box[1], box[2] - box[0])].append((i, box))
 
+    extra = {} if fast is None else {"fast": fast}  # refiners without fast options work too
     results: list[RefinedSegment] = []
     for items in groups.values():
         for start in range(0, len(items), options.batch_size):
             batch = items[start : start + options.batch_size]
             img_b = torch.cat([crop(norm_image, box) for _, box in batch])
             msk_b = torch.stack([normalize_mask(crop(probs[i], box))[None] for i, box in batch])
-            out = refiner.refine_tensors(img_b, msk_b, scales=scales, exact=exact, fast=fast)
+            out = refiner.refine_tensors(img_b, msk_b, scales=scales, exact=exact, **extra)
             for (i, box), prob in zip(batch, out):
                 thing = True if isthing is None else bool(isthing[i])
                 results.append(RefinedSegment(segment_id=i, prob=prob, box=box, isthing=thing))
