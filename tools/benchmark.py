@@ -173,6 +173,7 @@ def _case_d2(args) -> dict:
         from detectron2.config import get_cfg
         from detectron2.modeling import build_model
 
+        import crm_d2.meta_arch  # noqa: F401  (registers CRMRefinedModel)
         from crm_d2.config import add_crm_config, merge_config_file
     except ImportError as err:
         return {"skipped": f"detectron2 does not import: {err}"}
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--timeout", type=float, default=1500)
     ap.add_argument("--skip", nargs="*", default=[],
-                    help="case groups to skip: img1 exact big coco d2 heldout")
+                    help="case groups to skip: img1 exact big coco d2 switches heldout")
     ap.add_argument("--img1", default="2560x1706", help="WxH of image 1")
     ap.add_argument("--big", nargs="*", default=["3000x2000", "6000x4000"],
                     help="WxH sizes of case 2 (r50; lite at the last one)")
@@ -362,15 +363,14 @@ def main(argv=None) -> int:
     img1 = args.img1
     if "img1" not in args.skip:
         order = ([] if "exact" in args.skip else [("r50", "exact")]) + [
-            ("r50", "default"), ("lite", "dense"), ("lite", "default"), ("r50", "stride4"),
-            ("lite", "stride4"), ("r50", "band+stride2"), ("lite", "band+stride2")]
+            ("r50", "default"), ("lite", "dense"), ("lite", "default")]
         for weights, mode in order:
             refine_case(weights, mode, img1)
     if "big" not in args.skip:
         for weights, size in [("r50", s) for s in args.big] + [("lite", args.big[-1])]:
             refine_case(weights, "default", size)
     if "coco" not in args.skip:
-        for mode in ("default", "dense", "default-4s"):
+        for mode in ("default", "dense"):
             res = _run(common + ["--case", "coco", "--mode", mode], args.timeout)
             results.append((f"coco refine_segments lite {mode}", res))
             print(results[-1], flush=True)
@@ -378,6 +378,10 @@ def main(argv=None) -> int:
         res = _run(common + ["--case", "d2"], args.timeout)
         results.append(("coco Panoptic FPN R50 + CRM wrapper", res))
         print(results[-1], flush=True)
+    if "switches" not in args.skip:
+        for weights, mode in (("r50", "stride4"), ("lite", "stride4"), ("r50", "band+stride2"),
+                              ("lite", "band+stride2")):
+            refine_case(weights, mode, img1)
     heldout = None
     if "heldout" not in args.skip:
         heldout = _run(common + ["--case", "heldout", "--weights", "lite"], args.timeout)
