@@ -72,7 +72,8 @@ def add_crm_config(cfg: CN) -> None:
     c.ROI_SIZE_MULTIPLE = 1
     # Queries per CRM decoder call (memory vs. speed).
     c.CHUNK_SIZE = 262144
-    # Run the authors' decoder arithmetic to the letter (slower; outputs agree to ~1e-6).
+    # Run the authors' schedule to the letter (every pixel at every scale; much slower). The
+    # default decodes a band around the boundary (crm_d2.sparse, see BENCHMARKS.md).
     c.EXACT = False
     # Multiply each refined instance's score by the mean refined probability inside its new
     # mask (Mask Scoring style); off keeps the inner model's scores.
@@ -80,6 +81,9 @@ def add_crm_config(cfg: CN) -> None:
     # Also return the inner model's outputs under "crm_inner" so that one pass of the inner
     # model serves a before/after evaluation (tools/train_net.py reports both and the delta).
     c.EVAL_BOTH = False
+    # Panoptic thing segments reuse the probability refined for their instance (instance_id)
+    # instead of being refined a second time.
+    c.REUSE_INSTANCES = True
     # Instance fusion: None/"auto" = exclusive when an image's inner masks do not overlap
     # (EntitySeg), True = always exclusive (modified argmax), False = replace each mask.
     c.EXCLUSIVE_INSTANCES = None

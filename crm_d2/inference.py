@@ -7,7 +7,8 @@ The schedule (CRM paper §3.3 and the authors' ``test.py``): reflect-pad image a
 for each scale s in (0.125, 0.25, 0.5, 1.0) resize both to ``round(Hp * s) x round(Wp * s)``
 (bilinear, align_corners=True), encode once, decode every full-resolution padded pixel, zero the
 output if the current mask is empty, and feed ``(p - 0.5) * 2`` back as the next mask. The answer
-is the last probability map cropped by the padding.
+is the last probability map cropped by the padding. ``exact=True`` runs exactly that; the
+default runs the same schedule through :mod:`crm_d2.sparse` (band decoding, windowed encoder).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from torch.nn import functional as F
 from .distributed import check_device
 from .io import mask_to_prob
 from .modeling.crm import CRMArch, CRMNet, make_coord_axes
+from .sparse import FastOptions, refine_fast
 
 __all__ = [
     "CRMRefiner",
+    "DEFAULT_FAST",
     "DEFAULT_SCALES",
+    "FastOptions",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "normalize_image",
@@ -43,9 +47,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD = 32
 OFFICIAL_CHUNK = 802_816  # queries per decoder call in the authors' test.py (50176 * 16)
-DEFAULT_CHUNK = 262_144  # queries (exact) or about that many pixels in whole rows (fast)
+DEFAULT_CHUNK = 262_144  # most queries per decoder call
 
 ProgressFn = Callable[[str, int, int], None]
+
+#: The default fast path (band decoding, windowed encoder); see BENCHMARKS.md for how it was
+#: chosen against ``exact=True``.
+DEFAULT_FAST = FastOptions()
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +177,7 @@ class CRMRefiner:
         chunk_size: int = DEFAULT_CHUNK,
         min_side: int | None = None,
         metadata: dict | None = None,
+        fast: FastOptions = DEFAULT_FAST,
     ) -> None:
         self.device = check_device(device)
         self.model = model.to(self.device).eval()
@@ -182,6 +191,11 @@ class CRMRefiner:
             raise ValueError(f"min_side must be >= 1 or None, got {min_side}")
         self.min_side = None if min_side is None else int(min_side)
         self.metadata = dict(metadata or {})
+        if not isinstance(fast, FastOptions):
+            raise ValueError(f"fast must be a FastOptions, got {type(fast).__name__}")
+        self.fast = fast
+        if fast.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def to(self, device: torch.device | str) -> CRMRefiner:
         """Move the network to ``device`` and compute there from now on (returns self)."""
@@ -203,8 +217,8 @@ class CRMRefiner:
         dict, and the project's checkpoint format; see :mod:`crm_d2.checkpoint` for the errors
         raised on bad files. ``path=None`` loads the weights shipped with crm_d2
         (:func:`crm_d2.weights.default_weights_path`). ``kwargs`` go to the constructor
-        (``scales``, ``chunk_size``, ``min_side``); the scales (and ``min_side``) stored in a
-        project checkpoint are used when none are given.
+        (``scales``, ``chunk_size``, ``min_side``, ``fast``); the scales (and ``min_side``)
+        stored in a project checkpoint are used when none are given.
         """
         from .checkpoint import CheckpointError, load_crm
         from .weights import default_weights_path
@@ -241,6 +255,7 @@ class CRMRefiner:
         scales: Sequence[float] | None = None,
         exact: bool = False,
         progress: ProgressFn | None = None,
+        fast: FastOptions | None = None,
     ) -> np.ndarray:
         """Refine one mask of one image.
 
@@ -251,18 +266,24 @@ class CRMRefiner:
                 0..65535, bool, or float in [0, 1] (:func:`crm_d2.io.mask_to_prob`).
             scales: input scales of the coarse-to-fine schedule (default: the refiner's,
                 ``(0.125, 0.25, 0.5, 1.0)``).
-            exact: run the authors' arithmetic to the letter (slower). Otherwise the grid
-                decoder (:meth:`CRMNet.decode_grid`) computes the same function with the first
-                layer factored and separable gathers; outputs agree to ~1e-6.
+            exact: run the authors' arithmetic to the letter (slowest: every pixel decoded at
+                every scale). Otherwise the fast path of :mod:`crm_d2.sparse` runs with
+                ``fast``: by default only a band around the current boundary is decoded and
+                the encoder runs on windows around it; ``FastOptions.dense()`` decodes every
+                pixel with the grid decoder (:meth:`CRMNet.decode_grid`), the same function as
+                ``exact`` to ~1e-6.
             progress: optional callback ``progress(stage, done, total)``, called with
-                ``done = 0`` when a scale starts (before its encoder pass) and after each of
-                its ``total`` decoder chunks.
+                ``done = 0`` when a scale starts (before its encoder pass) and when its work is
+                done (``done == total``; the exact path also after each decoder chunk).
+            fast: options of the fast path (default: the refiner's, :data:`DEFAULT_FAST`);
+                ignored when ``exact``.
 
         Returns:
             HxW float32 probability map in [0, 1]; ``> 0.5`` is the refined binary mask.
         """
         img_t, msk_t = prepare_inputs(image, mask, self.device)
-        out = self.refine_tensors(img_t, msk_t, scales=scales, exact=exact, progress=progress)
+        out = self.refine_tensors(img_t, msk_t, scales=scales, exact=exact, progress=progress,
+                                  fast=fast)
         return out[0].cpu().numpy()
 
     # ---------------------------------------------------------------- tensor entry point
@@ -274,13 +295,16 @@ class CRMRefiner:
         scales: Sequence[float] | None = None,
         exact: bool = False,
         progress: ProgressFn | None = None,
+        fast: FastOptions | None = None,
+        stats: dict | None = None,
     ) -> torch.Tensor:
         """Refine a batch of same-size ROIs (the entry point of the detectron2 layer).
 
         Args:
             image: (B, 3, H, W) ImageNet-normalised float (see :func:`normalize_image`).
             mask: (B, 1, H, W) float in [-1, 1] (see :func:`normalize_mask`).
-            scales, exact, progress: as in :meth:`refine`.
+            scales, exact, progress, fast: as in :meth:`refine`.
+            stats: optional dict filled by the fast path (see :func:`crm_d2.sparse.refine_fast`).
 
         Returns:
             (B, H, W) float32 probabilities on the refiner's device.
@@ -297,19 +321,19 @@ class CRMRefiner:
         image = image.to(self.device, torch.float32)
         seg = reflect_pad(mask.to(self.device, torch.float32))
         image = reflect_pad(image)
+        scales = scales_for_size(scales, tuple(seg.shape[-2:]), self.min_side)
+        if not exact:
+            opts = self.fast if fast is None else fast
+            prob = refine_fast(self.model, image, seg, scales, opts, crop=PAD,
+                               chunk=self.chunk_size, progress=progress, stats=stats)
+            return prob[:, 0, PAD:-PAD, PAD:-PAD]
+        # the authors' way: flat query list in chunks, generic decoder
         bsz, _, hp, wp = seg.shape
-        scales = scales_for_size(scales, (hp, wp), self.min_side)
-        if exact:
-            # the authors' way: flat query list in chunks, generic decoder
-            rows, cols = make_coord_axes((hp, wp), device=self.device)
-            n_query = hp * wp
-            spans = [(a, min(a + self.chunk_size, n_query))
-                     for a in range(0, n_query, self.chunk_size)]
-            cell = torch.tensor([2 / hp, 2 / wp], device=self.device).view(1, 1, 2)
-        else:
-            # whole rows per chunk, grid decoder
-            step = max(1, self.chunk_size // wp)
-            spans = [(a, min(a + step, hp)) for a in range(0, hp, step)]
+        rows, cols = make_coord_axes((hp, wp), device=self.device)
+        n_query = hp * wp
+        spans = [(a, min(a + self.chunk_size, n_query))
+                 for a in range(0, n_query, self.chunk_size)]
+        cell = torch.tensor([2 / hp, 2 / wp], device=self.device).view(1, 1, 2)
         prob = seg
         for si, s in enumerate(scales):
             size = (max(1, round(hp * s)), max(1, round(wp * s)))
@@ -321,14 +345,10 @@ class CRMRefiner:
             feat = self.model.encode(img_s, seg_s)
             logits = torch.empty(bsz, hp * wp, device=self.device)
             for ci, (a, b) in enumerate(spans):
-                if exact:
-                    q = torch.arange(a, b, device=self.device)
-                    coord = torch.stack((rows[q // wp], cols[q % wp]), dim=-1)
-                    coord = coord.unsqueeze(0).expand(bsz, -1, -1)
-                    logits[:, a:b] = self.model.decode(feat, coord, cell.expand(bsz, b - a, 2))
-                else:
-                    out = self.model.decode_grid(feat, (hp, wp), rows=(a, b))
-                    logits[:, a * wp : b * wp] = out.reshape(bsz, -1)
+                q = torch.arange(a, b, device=self.device)
+                coord = torch.stack((rows[q // wp], cols[q % wp]), dim=-1)
+                coord = coord.unsqueeze(0).expand(bsz, -1, -1)
+                logits[:, a:b] = self.model.decode(feat, coord, cell.expand(bsz, b - a, 2))
                 if progress is not None:
                     progress(stage, ci + 1, len(spans))
             prob = torch.sigmoid(logits).view(bsz, 1, hp, wp)

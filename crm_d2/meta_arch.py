@@ -137,6 +137,9 @@ class CRMOptions:
         score_reweight: multiply refined instance scores by the mean refined probability
             inside the new mask (0 for a mask that vanished).
         eval_both: also return the inner output under ``"crm_inner"``.
+        reuse_instances: a panoptic thing segment with an ``instance_id`` whose instance was
+            refined takes that instance's refined probability (and ROI) instead of being
+            refined a second time.
         exclusive: instance fusion mode; None = exclusive when the inner masks of an image do
             not overlap (and there are at least two).
         void_id: panoptic void id; None = -1 if some segment has id 0, else 0.
@@ -152,6 +155,7 @@ class CRMOptions:
     refine_semantic: bool = False
     score_reweight: bool = False
     eval_both: bool = False
+    reuse_instances: bool = True
     exclusive: bool | None = None
     void_id: int | None = None
 
@@ -176,6 +180,7 @@ class CRMOptions:
             refine_semantic=bool(c.REFINE_SEMANTIC),
             score_reweight=bool(c.SCORE_REWEIGHT),
             eval_both=bool(c.EVAL_BOTH),
+            reuse_instances=bool(c.get("REUSE_INSTANCES", True)),
             exclusive=parse_exclusive(c.EXCLUSIVE_INSTANCES),
             void_id=parse_void_id(c.VOID_ID),
         )
@@ -355,10 +360,12 @@ class CRMRefinedModel(nn.Module):
         """
         opts = self.options
         result = dict(output)
+        by_instance: dict[int, RefinedSegment] = {}
         if opts.refine_instances and isinstance(output.get("instances"), Instances):
-            result["instances"] = self._refine_instances(output["instances"], image)
+            result["instances"] = self._refine_instances(output["instances"], image, by_instance)
         if opts.refine_panoptic and output.get("panoptic_seg") is not None:
-            result["panoptic_seg"] = self._refine_panoptic(output["panoptic_seg"], image)
+            reuse = by_instance if opts.reuse_instances else {}
+            result["panoptic_seg"] = self._refine_panoptic(output["panoptic_seg"], image, reuse)
         if opts.refine_semantic and isinstance(output.get("sem_seg"), Tensor):
             result["sem_seg"] = self._refine_semantic(output["sem_seg"], image)
         return result
@@ -398,7 +405,9 @@ class CRMRefinedModel(nn.Module):
         return img.to(self.refiner.device)
 
     # ---------------------------------------------------------------- instances
-    def _refine_instances(self, instances: Instances, image: Tensor) -> Instances:
+    def _refine_instances(
+        self, instances: Instances, image: Tensor, by_instance: dict | None = None
+    ) -> Instances:
         n = len(instances)
         if n == 0 or not instances.has("pred_masks"):
             return instances
@@ -422,6 +431,8 @@ class CRMRefinedModel(nn.Module):
             scales=self.options.scales,
             exact=self.options.exact,
         )
+        if by_instance is not None:
+            by_instance.update({seg.segment_id: seg for seg in refined})
         if not refined:
             return instances
         exclusive = self._exclusive(masks)
@@ -451,7 +462,7 @@ class CRMRefinedModel(nn.Module):
         return masks.shape[0] >= 2 and not bool((masks.sum(dim=0) > 1).any())
 
     # ---------------------------------------------------------------- panoptic
-    def _refine_panoptic(self, panoptic, image: Tensor):
+    def _refine_panoptic(self, panoptic, image: Tensor, reuse: Mapping | None = None):
         ids, segments_info = panoptic
         if segments_info is None:
             self._warn_once(
@@ -467,10 +478,22 @@ class CRMRefinedModel(nn.Module):
         areas = segment_areas(ids, segments_info)
         chosen = [s for s in segments_info if areas[int(s["id"])] > self.options.roi.min_area]
         refined: list[RefinedSegment] = []
+        if reuse:
+            kept = []
+            for s in chosen:
+                inst = s.get("instance_id") if s.get("isthing", True) else None
+                seg = reuse.get(int(inst)) if inst is not None else None
+                if seg is None:
+                    kept.append(s)
+                else:
+                    refined.append(RefinedSegment(int(s["id"]), seg.prob, seg.box, True))
+            logger.debug("panoptic: %d thing segments reuse their instance's refinement",
+                         len(chosen) - len(kept))
+            chosen = kept
         if chosen:
             masks = torch.stack([ids == int(s["id"]) for s in chosen])
             isthing = [bool(s.get("isthing", True)) for s in chosen]
-            refined = refine_segments(
+            new = refine_segments(
                 self.refiner,
                 self._image_for(image, ids.shape[-2:]),
                 masks,
@@ -479,8 +502,9 @@ class CRMRefinedModel(nn.Module):
                 scales=self.options.scales,
                 exact=self.options.exact,
             )
-            for seg in refined:
+            for seg in new:
                 seg.segment_id = int(chosen[seg.segment_id]["id"])
+            refined += new
         fused = fuse_panoptic(
             ids,
             segments_info,

@@ -21,6 +21,7 @@ from torch import Tensor
 from .fusion import RefinedSegment, crop, expand_box, mask_to_box
 from .inference import normalize_image, normalize_mask
 from .refiners import Refiner
+from .sparse import FastOptions
 
 __all__ = ["ROIOptions", "refine_segments"]
 
@@ -84,6 +85,7 @@ def refine_segments(
     isthing: Sequence[bool] | None = None,
     scales: Sequence[float] | None = None,
     exact: bool = False,
+    fast: FastOptions | None = None,
 ) -> list[RefinedSegment]:
     """Refine every large-enough mask of one image on its expanded box.
 
@@ -96,6 +98,8 @@ def refine_segments(
         isthing: per-mask flag copied into the results (default all True).
         scales, exact: passed to ``refiner.refine_tensors`` (CRM settings; CascadePSP takes
             ``scales=None`` and ignores ``exact``).
+        fast: CRM's fast-path options (:class:`~crm_d2.sparse.FastOptions`), passed only when
+            given.
 
     Returns:
         One :class:`RefinedSegment` per refined mask, ``segment_id`` = its index in ``masks``;
@@ -126,13 +130,14 @@ def refine_segments(
         box = _round_box(box, options.size_multiple, height, width)
         groups[(box[3] - box[1], box[2] - box[0])].append((i, box))
 
+    extra = {} if fast is None else {"fast": fast}  # refiners without fast options work too
     results: list[RefinedSegment] = []
     for items in groups.values():
         for start in range(0, len(items), options.batch_size):
             batch = items[start : start + options.batch_size]
             img_b = torch.cat([crop(norm_image, box) for _, box in batch])
             msk_b = torch.stack([normalize_mask(crop(probs[i], box))[None] for i, box in batch])
-            out = refiner.refine_tensors(img_b, msk_b, scales=scales, exact=exact)
+            out = refiner.refine_tensors(img_b, msk_b, scales=scales, exact=exact, **extra)
             for (i, box), prob in zip(batch, out):
                 thing = True if isthing is None else bool(isthing[i])
                 results.append(RefinedSegment(segment_id=i, prob=prob, box=box, isthing=thing))

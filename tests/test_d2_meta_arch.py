@@ -521,3 +521,22 @@ def test_real_refiner_keeps_types(crm_checkpoint):
     assert masks.dtype == torch.float32 and set(masks.unique().tolist()) <= {0.0, 1.0}
     assert int(masks.sum(0).max()) <= 1
     assert INNER_KEY in out
+
+
+def test_panoptic_things_reuse_their_instance_refinement():
+    class CountingRefiner(GrowRefiner):
+        rois = 0
+
+        def refine_tensors(self, image, mask, scales=None, exact=False):
+            CountingRefiner.rois += mask.shape[0]
+            return super().refine_tensors(image, mask, scales, exact)
+
+    outs = {}
+    for reuse in (True, False):
+        CountingRefiner.rois = 0
+        (outs[reuse],) = wrap(CRMTestPanopticFPN, CountingRefiner(), reuse_instances=reuse)(
+            inputs_for())
+        # 2 instances + the stuff segment, and the thing segment again only without reuse
+        assert CountingRefiner.rois == (3 if reuse else 4)
+    assert torch.equal(outs[True]["panoptic_seg"][0], outs[False]["panoptic_seg"][0])
+    assert torch.equal(outs[True]["panoptic_seg"][0], expected_panoptic(stuff_id=1, thing_id=2))

@@ -11,6 +11,7 @@ from conftest import random_crm
 from crm_d2 import CRMArch, CRMRefiner
 from crm_d2.inference import normalize_image, normalize_mask, prepare_inputs, reflect_pad
 from crm_d2.modeling.crm import TINY_ARCH, make_coord, make_coord_axes
+from crm_d2.sparse import FastOptions
 
 SMALL = TINY_ARCH
 
@@ -69,7 +70,7 @@ def test_exact_equals_fast_and_chunking(sample):
     img, mask = sample
     r = _refiner(chunk_size=1000)
     exact = r.refine(img, mask, exact=True)
-    fast = r.refine(img, mask, exact=False)
+    fast = r.refine(img, mask, exact=False, fast=FastOptions.dense())
     assert np.abs(exact - fast).max() < 1e-5
     one_chunk = _refiner(chunk_size=10**7).refine(img, mask, exact=True)
     assert np.abs(exact - one_chunk).max() < 1e-6
@@ -170,13 +171,18 @@ def test_scale_schedule_is_used(sample):
 def test_progress_callback(sample):
     img, mask = sample
     hp, wp = img.shape[0] + 64, img.shape[1] + 64
-    for exact, n in ((True, -(-hp * wp // 1500)), (False, -(-hp // (1500 // wp)))):
-        calls = []
-        r = _refiner(chunk_size=1500)
-        r.refine(img, mask, exact=exact, progress=lambda *a, c=calls: c.append(a))
-        assert len(calls) == 4 * (n + 1) and calls[-1][1:] == (n, n)
-        assert calls[0] == ("scale 0.125 (1/4)", 0, n)  # announced before its encoder pass
-        assert [c[1] for c in calls[: n + 1]] == list(range(n + 1))
+    n = -(-hp * wp // 1500)
+    calls = []
+    r = _refiner(chunk_size=1500)
+    r.refine(img, mask, exact=True, progress=lambda *a, c=calls: c.append(a))
+    assert len(calls) == 4 * (n + 1) and calls[-1][1:] == (n, n)
+    assert calls[0] == ("scale 0.125 (1/4)", 0, n)  # announced before its encoder pass
+    assert [c[1] for c in calls[: n + 1]] == list(range(n + 1))
+    # the fast path announces each scale, then reports it done
+    calls = []
+    r.refine(img, mask, progress=lambda *a, c=calls: c.append(a), fast=FastOptions.dense())
+    assert calls == [(f"scale {s:g} ({i + 1}/4)", d, 1)
+                     for i, s in enumerate((0.125, 0.25, 0.5, 1.0)) for d in (0, 1)]
 
 
 def test_decode_grid_equals_generic_decoder():

@@ -183,12 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def progress(stage: str, done: int, total: int) -> None:
         if done == 0:
-            logger.info("%s: encoding, then decoding in %d chunk(s)", stage, total)
+            logger.info("%s: encoding and decoding", stage)
         if args.quiet:
             return
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="chunk", leave=False)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", leave=False)
         bar.update(done - bar.n)
         if done == total:
             bar.close()

@@ -15,7 +15,7 @@ grid it belongs to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,8 +26,8 @@ from torch.nn import functional as F
 from .backbone import ResNetTrunk
 from .efficientnet import EFFICIENTNET_VARIANTS, EfficientNetLiteTrunk
 
-__all__ = ["OFFICIAL_ARCH", "TINY_ARCH", "CRMArch", "CRMNet", "FeatureFusion", "ImplicitMLP",
-           "make_coord"]
+__all__ = ["OFFICIAL_ARCH", "TINY_ARCH", "CRMArch", "CRMNet", "FeatureFusion", "GridGeometry",
+           "ImplicitMLP", "make_coord"]
 
 
 @dataclass(frozen=True)
@@ -159,14 +159,28 @@ class FeatureFusion(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
-        """Taps -> (B, feat_dim, fh, fw) with (fh, fw) = x1's size."""
+    def forward(
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x3: torch.Tensor,
+        resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Taps -> (B, feat_dim, fh, fw) with (fh, fw) = x1's size.
+
+        ``resize(x, level)`` (level 2 or 3) replaces the bilinear resize of the x2 / x3 branch
+        to x1's grid; the tiled encoder (:mod:`crm_d2.tiling`) passes one that keeps the
+        whole image's align-corners geometry on a window.
+        """
         x1 = self.dropout(self.relu(self.bn1_128(self.aspp1_128(x1))))
         x2 = self.dropout(self.relu(self.bn1_256(self.aspp1_256(x2))))
         x3 = self.dropout(self.relu(self.bn1_1024(self.aspp1_1024(x3))))
-        size = x1.shape[-2:]
-        x2 = F.interpolate(x2, size=size, mode="bilinear", align_corners=True)
-        x3 = F.interpolate(x3, size=size, mode="bilinear", align_corners=True)
+        if resize is None:
+            size = x1.shape[-2:]
+            x2 = F.interpolate(x2, size=size, mode="bilinear", align_corners=True)
+            x3 = F.interpolate(x3, size=size, mode="bilinear", align_corners=True)
+        else:
+            x2, x3 = resize(x2, 2), resize(x3, 3)
         return self.last_conv(torch.cat((x1, x2, x3), dim=1))
 
 
@@ -191,6 +205,61 @@ class ImplicitMLP(nn.Module):
 # The 4 neighbouring feature cells of the local ensemble, (dy, dx) in the official order.
 _SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 _EPS_SHIFT = 1e-6
+
+
+def _nearest_index(coords: torch.Tensor, shift: float, n: int) -> torch.Tensor:
+    """Indices ``grid_sample(mode='nearest', align_corners=False)`` picks on an n-cell axis.
+
+    Args:
+        coords: (L,) query coordinates on one axis, in [-1, 1].
+        shift: added to every coordinate before the clamp to (-1 + 1e-6, 1 - 1e-6).
+        n: number of feature cells on that axis.
+
+    Returns:
+        (L,) long indices in [0, n).
+    """
+    shifted = (coords + shift).clamp(-1 + 1e-6, 1 - 1e-6)
+    table = torch.arange(n, device=coords.device, dtype=torch.float32).view(1, 1, 1, n)
+    grid = torch.stack([shifted, torch.zeros_like(shifted)], dim=-1).view(1, 1, -1, 2)
+    idx = F.grid_sample(table, grid, mode="nearest", align_corners=False)
+    return idx.view(-1).round().long()
+
+
+class GridGeometry:
+    """Per-axis lookup tables for decoding pixels of an ``H x W`` grid against an ``fh x fw`` map.
+
+    Built once per (grid, feature) size pair; :meth:`CRMNet.decode_pixels` then decodes any
+    subset of the grid's pixels with two table look-ups per axis instead of ``grid_sample``.
+
+    Attributes (``k`` indexes the two shifts -1 and +1 of an axis):
+        ys, xs: (H,), (W,) pixel-centre coordinates (:func:`make_coord_axes`).
+        iy[k], ix[k]: (H,), (W,) long feature cell chosen for that shift.
+        rel_y[k], rel_x[k]: (H,), (W,) relative coordinate (query - cell centre) * (fh | fw).
+    """
+
+    def __init__(self, grid_size: tuple[int, int], feat_size: tuple[int, int], device) -> None:
+        h, w = grid_size
+        fh, fw = feat_size
+        self.grid_size = (int(h), int(w))
+        self.feat_size = (int(fh), int(fw))
+        self.ys, self.xs = make_coord_axes((h, w), device=device)
+        fys, fxs = make_coord_axes((fh, fw), device=device)
+        self.iy, self.ix, self.rel_y, self.rel_x = [], [], [], []
+        for v in (-1, 1):
+            iy = _nearest_index(self.ys, v * (1.0 / fh) + _EPS_SHIFT, fh)
+            ix = _nearest_index(self.xs, v * (1.0 / fw) + _EPS_SHIFT, fw)
+            self.iy.append(iy)
+            self.ix.append(ix)
+            self.rel_y.append((self.ys - fys[iy]) * fh)
+            self.rel_x.append((self.xs - fxs[ix]) * fw)
+
+    def cell_span_rows(self, r0: int, r1: int) -> tuple[int, int]:
+        """Feature rows ``[a, b)`` that pixel rows ``r0:r1`` read (both shifts)."""
+        return int(self.iy[0][r0:r1].min()), int(self.iy[1][r0:r1].max()) + 1
+
+    def cell_span_cols(self, c0: int, c1: int) -> tuple[int, int]:
+        """Feature columns ``[a, b)`` that pixel columns ``c0:c1`` read (both shifts)."""
+        return int(self.ix[0][c0:c1].min()), int(self.ix[1][c0:c1].max()) + 1
 
 
 class CRMNet(nn.Module):
@@ -305,18 +374,10 @@ class CRMNet(nn.Module):
         # constant part of the first layer: bias + relative cell (2/H * fh, 2/W * fw)
         const = first.bias + w_sy * (2.0 / h * fh) + w_sx * (2.0 / w * fw)
 
-        def nearest(coords: torch.Tensor, shift: float, n: int) -> torch.Tensor:
-            """Indices grid_sample(mode='nearest', align_corners=False) picks on an n-axis."""
-            shifted = (coords + shift).clamp(-1 + 1e-6, 1 - 1e-6)
-            table = torch.arange(n, device=dev, dtype=torch.float32).view(1, 1, 1, n)
-            grid = torch.stack([shifted, torch.zeros_like(shifted)], dim=-1).view(1, 1, -1, 2)
-            idx = F.grid_sample(table, grid, mode="nearest", align_corners=False)
-            return idx.view(-1).round().long()
-
         preds, areas = [], []
         for vy, vx in _SHIFTS:
-            iy = nearest(ys, vy * (1.0 / fh) + _EPS_SHIFT, fh)
-            ix = nearest(xs, vx * (1.0 / fw) + _EPS_SHIFT, fw)
+            iy = _nearest_index(ys, vy * (1.0 / fh) + _EPS_SHIFT, fh)
+            ix = _nearest_index(xs, vx * (1.0 / fw) + _EPS_SHIFT, fw)
             q = proj.index_select(1, iy).index_select(2, ix)  # (B, h', W, D)
             rel_y = (ys - fys[iy]) * fh  # (h',)
             rel_x = (xs - fxs[ix]) * fw  # (W,)
@@ -327,6 +388,77 @@ class CRMNet(nn.Module):
                 out = layer(out)
             preds.append(out[..., 0])
             areas.append(torch.abs(torch.outer(rel_y, rel_x)) + 1e-9)
+        total = areas[0] + areas[1] + areas[2] + areas[3]
+        areas = [areas[3], areas[2], areas[1], areas[0]]
+        result = 0
+        for pred, area in zip(preds, areas):
+            result = result + pred * (area / total)
+        return result
+
+    def project_features(self, feat: torch.Tensor) -> torch.Tensor:
+        """The feature part of the decoder's first layer, per feature cell.
+
+        Args:
+            feat: (B, C, fh, fw) (or a window of it).
+
+        Returns:
+            (B, fh, fw, D) channels-last projection, D = first hidden width (32 official).
+        """
+        first: nn.Linear = self.imnet.layers[0]
+        w_feat = first.weight[:, : feat.shape[1]]
+        proj = F.conv2d(feat, w_feat[:, :, None, None].to(feat.dtype).contiguous())
+        return proj.permute(0, 2, 3, 1).contiguous()
+
+    def decode_pixels(
+        self,
+        proj: torch.Tensor,
+        geom: GridGeometry,
+        pb: torch.Tensor,
+        py: torch.Tensor,
+        px: torch.Tensor,
+        origin: tuple[int, int] = (0, 0),
+    ) -> torch.Tensor:
+        """:meth:`decode` at chosen pixels of a grid (the sparse form of :meth:`decode_grid`).
+
+        Same function as :meth:`decode_grid` at those pixels, up to float rounding (~1e-6).
+
+        Args:
+            proj: (B, ph, pw, D) window of :meth:`project_features` of the whole feature map;
+                its cell (0, 0) is the feature map's cell ``origin``. It must hold every cell the
+                pixels read (:meth:`GridGeometry.cell_span_rows` / ``cell_span_cols``).
+            geom: tables of the grid and of the WHOLE feature map (not of the window).
+            pb, py, px: (Q,) long batch index, row and column of each pixel in the grid.
+            origin: (row, col) of the window in the feature map.
+
+        Returns:
+            (Q,) float32 logits.
+        """
+        h, w = geom.grid_size
+        fh, fw = geom.feat_size
+        first: nn.Linear = self.imnet.layers[0]
+        c = first.weight.shape[1] - 6
+        w_ry, w_rx, w_cy, w_cx, w_sy, w_sx = first.weight[:, c:].unbind(dim=1)
+        const = first.bias + w_sy * (2.0 / h * fh) + w_sx * (2.0 / w * fw)
+        _, ph, pw, d = proj.shape
+        flat = proj.reshape(-1, d)
+        ys, xs = geom.ys[py], geom.xs[px]
+        base = pb * (ph * pw)
+        rows_y = [geom.iy[k][py] - origin[0] for k in (0, 1)]
+        cols_x = [geom.ix[k][px] - origin[1] for k in (0, 1)]
+        rel_y = [geom.rel_y[k][py] for k in (0, 1)]
+        rel_x = [geom.rel_x[k][px] for k in (0, 1)]
+        preds, areas = [], []
+        for vy, vx in _SHIFTS:
+            ky, kx = (vy + 1) // 2, (vx + 1) // 2
+            q = flat.index_select(0, base + rows_y[ky] * pw + cols_x[kx])  # (Q, D)
+            ry, rx = rel_y[ky], rel_x[kx]
+            term = (torch.outer(ry, w_ry) + torch.outer(ys, w_cy)
+                    + torch.outer(rx, w_rx) + torch.outer(xs, w_cx) + const)
+            out = q + term.to(q.dtype)
+            for layer in list(self.imnet.layers)[1:]:
+                out = layer(out)
+            preds.append(out[:, 0].float())
+            areas.append(torch.abs(ry * rx) + 1e-9)
         total = areas[0] + areas[1] + areas[2] + areas[3]
         areas = [areas[3], areas[2], areas[1], areas[0]]
         result = 0

@@ -1,0 +1,468 @@
+"""Fast CRM inference: decode only the pixels that can matter, encode only where they are.
+
+The authors' schedule (:mod:`crm_d2.inference`) decodes every padded full-resolution pixel at
+every scale and encodes the whole image at every scale. Most of that work lands on pixels far
+from any boundary, whose probability CRM leaves where it was. This module implements, each
+switchable through :class:`FastOptions`:
+
+- **band decoding**: at each scale only pixels within a band around the boundary of the current
+  mask (``p > 0.5``) are decoded, the band width tied to the scale (``band / s`` full-resolution
+  pixels: a fixed number of encoder-input pixels); the other pixels keep the current probability.
+  This is the paper's CRM* idea (refine a region of interest only) in its "near contours" form
+  (Shen et al., CVPR 2022, Sec. 4; the authors' release has no such path);
+- **strided decoding**: decode every ``stride``-th pixel (rows and columns) first, then only the
+  pixels of the lattice cells whose four decoded corners disagree (one above 0.5, one not); the
+  others take the bilinear interpolation of the corner logits;
+- **bounded memory**: the encoder runs on windows (:func:`crm_d2.tiling.encode_window`) around
+  the pixels to decode, each sized from a memory budget, so that peak memory follows the region
+  being decoded and windows with nothing to decode are never encoded;
+- **device knobs**: autocast (bf16/fp16) and channels-last for the encoder, and a retry with
+  smaller windows and chunks when CUDA runs out of memory.
+
+With ``band=None, stride=1`` and a budget that holds the whole image, every pixel is decoded from
+whole-image features: the same function as the authors' schedule (to ~1e-6).
+
+Shape shorthand: B batch, Hp/Wp padded full-resolution size, h/w encoder input size at a scale,
+fh/fw feature size, Q decoded pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .modeling.crm import CRMNet, GridGeometry
+from .tiling import encode_window, encoder_bytes_per_pixel, feature_size
+
+__all__ = ["FastOptions", "boundary_band", "refine_fast"]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+_DECODE_BYTES_PER_QUERY = 1024  # live float32 values of decode_pixels per query, with margin
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Switches of the fast inference path (:func:`refine_fast`).
+
+    Attributes:
+        band: half-width of the decoded band around the current mask's boundary, in
+            encoder-input pixels of each scale (``band / s`` full-resolution pixels at scale s);
+            None decodes every pixel.
+        min_band: lower bound of the band half-width in full-resolution pixels.
+        stride: strided decoding step in full-resolution pixels; 1 turns it off.
+        tile: core size of an encoder window in encoder-input pixels (a multiple of 8); smaller
+            windows skip more empty image, larger ones waste less on halos.
+        halo: encoder-input pixels of context around each window (see :mod:`crm_d2.tiling`).
+        memory_mb: budget for one encoder window and one decoder chunk (activations only);
+            windows and chunks shrink to fit it. The whole image is encoded in one pass when it
+            fits the budget and most of it has pixels to decode.
+        skip_padding: at the last scale, do not decode the reflect padding (it is cropped).
+        autocast: None, "bf16" or "fp16": run the encoder under ``torch.autocast``.
+        channels_last: run the encoder on channels-last tensors (the caller converts the model
+            with ``model.to(memory_format=torch.channels_last)``; :class:`CRMRefiner` does).
+        oom_retry: on a CUDA out-of-memory error, split the window (or chunk) in two and retry.
+    """
+
+    band: float | None = 3.0
+    min_band: int = 4
+    stride: int = 1
+    tile: int = 96
+    halo: int = 32
+    memory_mb: float = 768.0
+    skip_padding: bool = True
+    autocast: str | None = None
+    channels_last: bool = False
+    oom_retry: bool = True
+
+    def __post_init__(self) -> None:
+        if self.band is not None and not (self.band > 0):
+            raise ValueError(f"band must be > 0 or None, got {self.band}")
+        if self.min_band < 0:
+            raise ValueError(f"min_band must be >= 0, got {self.min_band}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.tile < 8 or self.tile % 8:
+            raise ValueError(f"tile must be a positive multiple of 8, got {self.tile}")
+        if self.halo < 0:
+            raise ValueError(f"halo must be >= 0, got {self.halo}")
+        if not (self.memory_mb > 0):
+            raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
+        if self.autocast not in (None, *_AUTOCAST):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
+
+    @classmethod
+    def dense(cls) -> FastOptions:
+        """Decode every pixel from whole-image features: the authors' function (to ~1e-6)."""
+        return cls(band=None, stride=1, memory_mb=float("inf"), skip_padding=False)
+
+    def with_(self, **changes) -> FastOptions:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def band_width(self, scale: float) -> int | None:
+        """Band half-width in full-resolution pixels at ``scale`` (None: everything)."""
+        if self.band is None:
+            return None
+        return max(int(self.min_band), int(math.ceil(self.band / scale)))
+
+
+# --------------------------------------------------------------------------------------------
+# Which pixels
+# --------------------------------------------------------------------------------------------
+def _dilate(x: Tensor, radius: int) -> Tensor:
+    """Separable square max-pool dilation of (B, 1, H, W) float by ``radius``."""
+    if radius <= 0:
+        return x
+    k = 2 * radius + 1
+    x = F.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
+    return F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
+
+
+def boundary_band(prob: Tensor, width: int) -> Tensor:
+    """Pixels near the boundary of ``prob > 0.5``.
+
+    Computed on cells of ``c = max(1, width // 2)`` pixels: a pixel is in the band when its cell
+    lies within ``ceil(width / c) + 1`` cells of a cell holding foreground and of one holding
+    background. The band therefore contains every pixel within ``width`` pixels (Chebyshev) of
+    a pixel of the other class, and is at most about ``2 * width + 3 * c`` wide.
+
+    Args:
+        prob: (B, 1, H, W) probabilities.
+        width: band half-width in pixels (>= 0).
+
+    Returns:
+        (B, H, W) bool.
+    """
+    bsz, _, h, w = prob.shape
+    c = max(1, width // 2)
+    fg = (prob > 0.5).float()
+    ph, pw = -(-h // c) * c, -(-w // c) * c
+    pad = (0, pw - w, 0, ph - h)
+    fg_cells = F.max_pool2d(F.pad(fg, pad), c)
+    # the padding must not count as background: pad the background map with zeros as well
+    bg_cells = F.max_pool2d(F.pad(1 - fg, pad), c)
+    r = -(-width // c) + 1
+    band = (_dilate(fg_cells, r) > 0) & (_dilate(bg_cells, r) > 0)
+    band = band.repeat_interleave(c, dim=2).repeat_interleave(c, dim=3)
+    return band[:, 0, :h, :w]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding a set of pixels at one scale
+# --------------------------------------------------------------------------------------------
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class _ScaleDecoder:
+    """Decodes chosen pixels of the padded grid at one scale, encoding windows on demand."""
+
+    def __init__(
+        self,
+        net: CRMNet,
+        image: Tensor,
+        mask: Tensor,
+        grid_size: tuple[int, int],
+        opts: FastOptions,
+        chunk: int,
+        progress: ProgressFn | None,
+        stage: str,
+    ) -> None:
+        self.net, self.image, self.mask, self.opts = net, image, mask, opts
+        self.grid_size = grid_size
+        self.progress, self.stage = progress, stage
+        bsz = image.shape[0]
+        h, w = image.shape[-2:]
+        self.fsize = feature_size((h, w))
+        self.geom = GridGeometry(grid_size, self.fsize, image.device)
+        budget = opts.memory_mb * 2**20
+        itemsize = 2 if opts.autocast else 4
+        self.bpp = encoder_bytes_per_pixel(net, bsz, itemsize)
+        self.whole_fits = h * w * self.bpp <= budget
+        tile = opts.tile
+        while tile > 8 and (tile + 2 * opts.halo) ** 2 * self.bpp > budget:
+            tile //= 2
+        self.tile = max(8, tile // 8 * 8)
+        self.chunk = max(1024, int(min(chunk, budget // _DECODE_BYTES_PER_QUERY)))
+        self.whole: Tensor | None = None
+        self.cache: dict[tuple[int, int], Tensor] = {}
+        self.cache_bytes = 0
+        self.cache_limit = budget / 2
+        self.encoded_pixels = 0  # encoder input pixels run (windows with their halos)
+        self.queries = 0
+
+    # ---------------------------------------------------------------- encoder
+    def _autocast(self):
+        if self.opts.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.image.device.type, dtype=_AUTOCAST[self.opts.autocast])
+
+    def _encode(self, rows: tuple[int, int], cols: tuple[int, int], whole: bool) -> Tensor:
+        """(B, ph, pw, D) float32 projected features of a window, with OOM retry."""
+        try:
+            with self._autocast():
+                img, msk = self.image, self.mask
+                if self.opts.channels_last:
+                    img = img.contiguous(memory_format=torch.channels_last)
+                    msk = msk.contiguous(memory_format=torch.channels_last)
+                if whole:
+                    proj = self.net.project_features(self.net.encode(img, msk))
+                    self.encoded_pixels += img.shape[-2] * img.shape[-1]
+                else:
+                    proj = encode_window(self.net, img, msk, rows, cols, self.opts.halo,
+                                         stats=self)
+            return proj.float()
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not (self.opts.oom_retry and _is_oom(err)):
+                raise
+            (a, b), (c, d) = rows, cols
+            if b - a < 2 and d - c < 2:
+                raise
+            if self.image.device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("out of memory encoding a %dx%d-cell window: splitting it", b - a,
+                           d - c)
+            if b - a >= d - c:
+                m = (a + b) // 2
+                return torch.cat([self._encode((a, m), cols, False),
+                                  self._encode((m, b), cols, False)], dim=1)
+            m = (c + d) // 2
+            return torch.cat([self._encode(rows, (c, m), False),
+                              self._encode(rows, (m, d), False)], dim=2)
+
+    def _tile_proj(self, key: tuple[int, int], rows, cols) -> Tensor:
+        proj = self.cache.get(key)
+        if proj is None:
+            proj = self._encode(rows, cols, False)
+            size = proj.numel() * proj.element_size()
+            if self.cache_bytes + size <= self.cache_limit:
+                self.cache[key] = proj
+                self.cache_bytes += size
+        return proj
+
+    # ---------------------------------------------------------------- decoder
+    def _decode_chunks(self, proj, pb, py, px, origin, out: Tensor) -> None:
+        start, n = 0, pb.numel()
+        chunk = self.chunk
+        while start < n:
+            end = min(n, start + chunk)
+            try:
+                logits = self.net.decode_pixels(proj, self.geom, pb[start:end], py[start:end],
+                                                px[start:end], origin)
+            except RuntimeError as err:
+                if not (self.opts.oom_retry and _is_oom(err)) or chunk <= 1024:
+                    raise
+                chunk //= 2
+                logger.warning("out of memory decoding: chunk size down to %d", chunk)
+                continue
+            out[pb[start:end], py[start:end], px[start:end]] = logits
+            self.queries += end - start
+            start = end
+
+    def decode(self, todo: Tensor, out: Tensor) -> int:
+        """Write the logits of the pixels ``todo`` (B, Hp, Wp) bool into ``out`` (B, Hp, Wp).
+
+        Returns:
+            the number of decoded pixels.
+        """
+        hp, wp = self.grid_size
+        fh, fw = self.fsize
+        tc = self.tile // 2  # window core in feature cells
+        iy0, ix0 = self.geom.iy[0], self.geom.ix[0]
+        edges_r = torch.searchsorted(iy0, torch.arange(0, fh + tc, tc, device=iy0.device))
+        edges_c = torch.searchsorted(ix0, torch.arange(0, fw + tc, tc, device=ix0.device))
+        edges_r, edges_c = edges_r.tolist(), edges_c.tolist()
+        blocks = []
+        for i in range(len(edges_r) - 1):
+            r0, r1 = edges_r[i], edges_r[i + 1]
+            if r0 >= r1:
+                continue
+            row_any = todo[:, r0:r1].any(dim=1).any(dim=0)  # (Wp,)
+            col_counts = torch.cumsum(row_any.long(), 0)
+            for j in range(len(edges_c) - 1):
+                c0, c1 = edges_c[j], edges_c[j + 1]
+                if c0 >= c1:
+                    continue
+                hits = int(col_counts[c1 - 1]) - (int(col_counts[c0 - 1]) if c0 > 0 else 0)
+                if hits:
+                    blocks.append((i, j, r0, r1, c0, c1))
+        if not blocks:
+            return 0
+        h, w = self.image.shape[-2:]
+        win = self.tile + 2 * math.ceil(self.opts.halo / 8) * 8
+        use_whole = self.whole is not None or (
+            self.whole_fits and len(blocks) * win * win >= 0.8 * h * w
+        )
+        done = 0
+        for bi, (i, j, r0, r1, c0, c1) in enumerate(blocks):
+            sel = todo[:, r0:r1, c0:c1].nonzero()
+            if sel.numel() == 0:
+                continue
+            pb, py, px = sel[:, 0], sel[:, 1] + r0, sel[:, 2] + c0
+            if use_whole:
+                if self.whole is None:
+                    self.whole = self._encode((0, fh), (0, fw), True)
+                proj, origin = self.whole, (0, 0)
+            else:
+                rows = self.geom.cell_span_rows(r0, r1)
+                cols = self.geom.cell_span_cols(c0, c1)
+                proj, origin = self._tile_proj((i, j), rows, cols), (rows[0], cols[0])
+            self._decode_chunks(proj, pb, py, px, origin, out)
+            done += pb.numel()
+            if self.progress is not None:
+                self.progress(self.stage, bi + 1, len(blocks))
+        return done
+
+
+def _strided_decode(dec: _ScaleDecoder, cand: Tensor, n: int, out: Tensor) -> Tensor:
+    """Strided decoding of the candidate pixels ``cand`` (B, Hp, Wp); returns their logits.
+
+    Lattice rows are ``0, n, 2n, ...`` clamped to the last row (columns alike); a lattice cell
+    holds the pixels between two lattice rows and two lattice columns. Corners of cells with
+    candidates are decoded; cells whose corners disagree about ``p > 0.5`` are decoded in full,
+    the others interpolated bilinearly from their corner logits.
+    """
+    bsz, hp, wp = cand.shape
+    dev = cand.device
+    nr, nc = -(-hp // n), -(-wp // n)
+    padded = F.pad(cand[:, None].float(), (0, nc * n - wp, 0, nr * n - hp))
+    cell_any = F.max_pool2d(padded, n)[:, 0] > 0  # (B, nr, nc)
+    lat_r = torch.clamp(torch.arange(nr + 1, device=dev) * n, max=hp - 1)
+    lat_c = torch.clamp(torch.arange(nc + 1, device=dev) * n, max=wp - 1)
+    need = F.max_pool2d(F.pad(cell_any[:, None].float(), (1, 1, 1, 1)), 2, stride=1)[:, 0] > 0
+    lattice = torch.zeros_like(cand)
+    nb, kr, kc = need.nonzero(as_tuple=True)
+    lattice[nb, lat_r[kr], lat_c[kc]] = True
+    dec.decode(lattice, out)
+    corners = out[:, lat_r][:, :, lat_c]  # (B, nr+1, nc+1)
+    pos = corners > 0
+    quad = (pos[:, :-1, :-1], pos[:, 1:, :-1], pos[:, :-1, 1:], pos[:, 1:, 1:])
+    any_pos = quad[0] | quad[1] | quad[2] | quad[3]
+    all_pos = quad[0] & quad[1] & quad[2] & quad[3]
+    disagree = cell_any & any_pos & ~all_pos
+    cell_r = torch.arange(hp, device=dev) // n
+    cell_c = torch.arange(wp, device=dev) // n
+    full = disagree[:, cell_r][:, :, cell_c] & cand & ~lattice
+    dec.decode(full, out)
+
+    def weights(cells: Tensor, lat: Tensor, length: int) -> Tensor:
+        pos_ = torch.arange(length, device=dev, dtype=torch.float32)
+        lo, hi = lat[cells].float(), lat[cells + 1].float()
+        return (pos_ - lo) / torch.clamp(hi - lo, min=1)
+
+    tr = weights(cell_r, lat_r, hp).view(1, hp, 1)
+    tc = weights(cell_c, lat_c, wp).view(1, 1, wp)
+    rows = corners[:, cell_r] * (1 - tr) + corners[:, cell_r + 1] * tr  # (B, Hp, nc+1)
+    interp = rows[:, :, cell_c] * (1 - tc) + rows[:, :, cell_c + 1] * tc
+    return torch.where(lattice | full, out, interp)
+
+
+def _dense_decode(dec: _ScaleDecoder, chunk: int) -> Tensor:
+    """Every pixel from whole-image features with the grid decoder (whole rows per call)."""
+    hp, wp = dec.grid_size
+    feat = dec.net.encode(dec.image, dec.mask)
+    dec.encoded_pixels += dec.image.shape[-2] * dec.image.shape[-1]
+    bsz = feat.shape[0]
+    logits = torch.empty(bsz, hp * wp, device=feat.device)
+    step = max(1, chunk // wp)
+    spans = [(a, min(a + step, hp)) for a in range(0, hp, step)]
+    for ci, (a, b) in enumerate(spans):
+        out = dec.net.decode_grid(feat, (hp, wp), rows=(a, b))
+        logits[:, a * wp : b * wp] = out.reshape(bsz, -1)
+        if dec.progress is not None:
+            dec.progress(dec.stage, ci + 1, len(spans))
+    dec.queries += hp * wp
+    return logits.view(bsz, hp, wp)
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def refine_fast(
+    net: CRMNet,
+    image: Tensor,
+    seg: Tensor,
+    scales: Sequence[float],
+    opts: FastOptions,
+    *,
+    crop: int = 0,
+    chunk: int = 262_144,
+    progress: ProgressFn | None = None,
+    stats: dict | None = None,
+) -> Tensor:
+    """The coarse-to-fine schedule on padded inputs, decoding only what ``opts`` selects.
+
+    Args:
+        net: the CRM network (eval mode).
+        image: (B, 3, Hp, Wp) normalised, already padded image.
+        seg: (B, 1, Hp, Wp) mask in [-1, 1], padded the same way.
+        scales: input scales, coarse to fine.
+        opts: see :class:`FastOptions`.
+        crop: padding width that the caller crops from the answer (not decoded at the last
+            scale when ``opts.skip_padding``).
+        chunk: most queries per decoder call.
+        progress: optional ``progress(stage, done, total)``.
+        stats: if given, receives per-scale lists ``"queries"`` (decoded pixels),
+            ``"encoder_pixels"`` (encoder input pixels run, halos included) and
+            ``"candidates"`` (pixels in the band).
+
+    Returns:
+        (B, 1, Hp, Wp) float32 probabilities.
+    """
+    bsz, _, hp, wp = seg.shape
+    prob = seg * 0.5 + 0.5
+    totals: dict[str, list[int]] = {}
+    for si, s in enumerate(scales):
+        size = (max(1, round(hp * s)), max(1, round(wp * s)))
+        if size == (hp, wp):  # bilinear align-corners to the same size is the identity
+            img_s, seg_s = image, seg
+        else:
+            img_s = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+            seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+        width = opts.band_width(s)
+        if width is None:
+            cand = torch.ones(bsz, hp, wp, dtype=torch.bool, device=seg.device)
+        else:
+            cand = boundary_band(prob, width)
+        if si == len(scales) - 1 and opts.skip_padding and crop > 0:
+            inner = torch.zeros(hp, wp, dtype=torch.bool, device=seg.device)
+            inner[crop:-crop, crop:-crop] = True
+            cand &= inner
+        stage = f"scale {s:g} ({si + 1}/{len(scales)})"
+        if progress is not None:
+            progress(stage, 0, 1)  # the scale starts: encoding
+        dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk, None, stage)
+        if width is None and opts.stride == 1 and dec.whole_fits:
+            logits = _dense_decode(dec, chunk)
+        else:
+            logits = torch.zeros(bsz, hp, wp, device=seg.device)
+            if opts.stride > 1:
+                logits = _strided_decode(dec, cand, opts.stride, logits)
+            else:
+                dec.decode(cand, logits)
+        for key, value in (("queries", dec.queries), ("encoder_pixels", dec.encoded_pixels),
+                           ("candidates", int(cand.sum()))):
+            totals.setdefault(key, []).append(value)
+        del dec, img_s, seg_s
+        new = torch.where(cand[:, None], torch.sigmoid(logits)[:, None], prob)
+        # The authors' rule: an (essentially) empty input mask gives an empty output.
+        empty = (seg + 1).flatten(1).sum(dim=1) < 2
+        new[empty] = 0
+        prob = new
+        seg = (prob - 0.5) * 2
+        if progress is not None:
+            progress(stage, 1, 1)
+    if stats is not None:
+        stats.update(totals)
+    return prob

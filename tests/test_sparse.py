@@ -1,0 +1,250 @@
+"""Fast path: band and strided decoding, windowed encoder, OOM retry, device knobs (tiny CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_crm
+
+from crm_d2 import CRMRefiner
+from crm_d2 import sparse as sparse_mod
+from crm_d2.inference import prepare_inputs, reflect_pad
+from crm_d2.modeling.crm import TINY_ARCH, GridGeometry
+from crm_d2.sparse import FastOptions, boundary_band, refine_fast
+from crm_d2.tiling import encode_window, feature_size, receptive_radius, tap_sizes
+
+HALO = receptive_radius(TINY_ARCH) + 5  # windows with this halo are exact
+# many small windows (not exact: a small halo) on the small sample; the budget forbids a
+# whole-image pass
+TILED = dict(tile=16, halo=8, memory_mb=0.5)
+ONE = (1.0,)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run many small windows: one intra-op thread is much faster on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def refiner() -> CRMRefiner:
+    return CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True))
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return _sample(61, 83)
+
+
+def _sample(h: int, w: int):
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:h, :w]
+    img = np.clip(np.stack([xx * 3, yy * 3, xx + yy], -1) + rng.integers(0, 40, (h, w, 3)), 0,
+                  255).astype(np.uint8)
+    mask = (((yy - h / 2) / (h / 3)) ** 2 + ((xx - w / 2.2) / (w / 3)) ** 2 < 1)
+    return img, mask.astype(np.uint8) * 255
+
+
+def test_options_validation():
+    for bad in (dict(band=0), dict(stride=0), dict(tile=12), dict(halo=-1), dict(memory_mb=0),
+                dict(autocast="fp8"), dict(min_band=-1)):
+        with pytest.raises(ValueError):
+            FastOptions(**bad)
+    assert FastOptions(band=3, min_band=4).band_width(0.125) == 24
+    assert FastOptions(band=3, min_band=4).band_width(1.0) == 4
+    assert FastOptions(band=None).band_width(0.5) is None
+
+
+def test_sizes_match_the_encoder(refiner):
+    for h, w in ((97, 131), (8, 9), (1, 3), (64, 65)):
+        t1, t2, t3 = refiner.model.feats(torch.zeros(1, 4, h, w))
+        ny, nx = tap_sizes(h), tap_sizes(w)
+        assert (t1.shape[-2], t2.shape[-2], t3.shape[-2]) == ny
+        assert (t1.shape[-1], t2.shape[-1], t3.shape[-1]) == nx
+        assert feature_size((h, w)) == tuple(t1.shape[-2:])
+
+
+def test_encode_window_equals_whole_encoder(refiner):
+    net = refiner.model
+    torch.manual_seed(0)
+    img, msk = torch.randn(2, 3, 97, 131), torch.rand(2, 1, 97, 131) * 2 - 1
+    with torch.no_grad():
+        full = net.project_features(net.encode(img, msk))
+        fh, fw = full.shape[1:3]
+        whole = encode_window(net, img, msk, (0, fh), (0, fw), halo=0)
+        assert (whole - full).abs().max() < 1e-5
+        for rows, cols in (((10, 30), (20, 41)), ((0, 7), (fw - 9, fw)), ((fh - 1, fh), (3, 4))):
+            win = encode_window(net, img, msk, rows, cols, halo=HALO)
+            ref = full[:, rows[0] : rows[1], cols[0] : cols[1]]
+            assert (win - ref).abs().max() < 1e-5
+        # a small halo is an approximation, not the same features
+        small = encode_window(net, img, msk, (20, 30), (20, 30), halo=0)
+        assert (small - full[:, 20:30, 20:30]).abs().max() > 1e-3
+
+
+def test_decode_pixels_equals_grid_decoder(refiner):
+    net = refiner.model
+    torch.manual_seed(2)
+    with torch.no_grad():
+        feat = net.encode(torch.randn(2, 3, 30, 41), torch.rand(2, 1, 30, 41) * 2 - 1)
+        h, w = 61, 83
+        ref = net.decode_grid(feat, (h, w))
+        geom = GridGeometry((h, w), feat.shape[-2:], "cpu")
+        proj = net.project_features(feat)
+        pb = torch.tensor([0, 1, 1, 0, 1])
+        py = torch.tensor([0, 60, 5, 33, 17])
+        px = torch.tensor([0, 82, 40, 1, 66])
+        got = net.decode_pixels(proj, geom, pb, py, px)
+        assert (got - ref[pb, py, px]).abs().max() < 1e-5
+        rows, cols = geom.cell_span_rows(10, 40), geom.cell_span_cols(20, 70)
+        pb2, py2, px2 = (t.flatten() for t in torch.meshgrid(
+            torch.arange(2), torch.arange(10, 40), torch.arange(20, 70), indexing="ij"))
+        window = proj[:, rows[0] : rows[1], cols[0] : cols[1]]
+        got2 = net.decode_pixels(window, geom, pb2, py2, px2, origin=(rows[0], cols[0]))
+        assert (got2 - ref[pb2, py2, px2]).abs().max() < 1e-5
+
+
+def test_boundary_band_contains_and_bounds():
+    torch.manual_seed(3)
+    prob = torch.zeros(2, 1, 70, 90)
+    prob[0, 0, 20:50, 10:40] = 1
+    prob[1, 0, 5:9, 60:88] = 0.8
+    for width in (1, 3, 8):
+        band = boundary_band(prob, width)
+        fg = prob[:, 0] > 0.5
+        # every pixel within `width` (Chebyshev) of the other class is in the band
+        k = 2 * width + 1
+        pool = torch.nn.functional.max_pool2d
+        near_fg = pool(fg[:, None].float(), k, 1, width)[:, 0] > 0
+        near_bg = pool((~fg)[:, None].float(), k, 1, width)[:, 0] > 0
+        must = near_fg & near_bg
+        assert bool((band | ~must).all())
+        # and it stays a band: nothing beyond 2 * width + 3 * c of the boundary
+        c = max(1, width // 2)
+        far = 2 * width + 3 * c + 1
+        kf = 2 * far + 1
+        near_far = (pool(fg[:, None].float(), kf, 1, far)[:, 0] > 0) & (
+            pool((~fg)[:, None].float(), kf, 1, far)[:, 0] > 0)
+        assert not bool((band & ~near_far).any())
+    assert not boundary_band(torch.zeros(1, 1, 10, 10), 3).any()
+    assert not boundary_band(torch.ones(1, 1, 10, 10), 3).any()
+
+
+def test_full_band_with_windows_equals_dense(refiner):
+    img, mask = _sample(97, 131)
+    dense = refiner.refine(img, mask, scales=ONE, fast=FastOptions.dense())
+    exact_tiles = FastOptions(band=None, tile=40, halo=HALO, memory_mb=4.0)
+    stats: dict = {}
+    windows = refiner.refine_tensors(*prepare_inputs(img, mask), scales=ONE, fast=exact_tiles,
+                                     stats=stats)[0].numpy()
+    assert stats["encoder_pixels"][0] > (97 + 64) * (131 + 64)  # it did run on windows
+    assert np.abs(dense - windows).max() < 1e-5
+    wide = refiner.refine(img, mask, scales=ONE,
+                          fast=exact_tiles.with_(band=1000.0, skip_padding=False))
+    assert np.abs(dense - wide).max() < 1e-5
+
+
+def _padded(sample):
+    return tuple(reflect_pad(t) for t in prepare_inputs(*sample))
+
+
+def test_band_keeps_far_pixels_and_decodes_fewer(refiner, sample):
+    image, seg = _padded(sample)
+    opts = FastOptions(band=2.0, min_band=3, **TILED)
+    stats, everything = {}, {}
+    prob = refine_fast(refiner.model, image, seg, ONE, opts, stats=stats)
+    ref = refine_fast(refiner.model, image, seg, ONE, opts.with_(band=1000.0), stats=everything)
+    band = boundary_band(seg * 0.5 + 0.5, opts.band_width(1.0))[:, None]
+    assert band.any() and not band.all()
+    assert torch.equal(prob[~band], (seg * 0.5 + 0.5)[~band])
+    # a pixel's features come from the same window whatever else is decoded
+    assert (prob[band] - ref[band]).abs().max() < 1e-6
+    total = seg.shape[-2] * seg.shape[-1]
+    assert 0 < stats["queries"][0] < total / 2
+    # windows without band pixels are never encoded
+    assert stats["encoder_pixels"][0] < everything["encoder_pixels"][0]
+
+
+def test_strided_decoding(refiner, sample):
+    image, seg = _padded(sample)
+    net = refiner.model
+    base = FastOptions(band=None, skip_padding=False, **TILED)
+    full = refine_fast(net, image, seg, ONE, base)
+    hp, wp = seg.shape[-2:]
+    for stride in (2, 4):
+        stats: dict = {}
+        prob = refine_fast(net, image, seg, ONE, base.with_(stride=stride), stats=stats)
+        lat_r = torch.clamp(torch.arange(0, hp + stride, stride), max=hp - 1)
+        lat_c = torch.clamp(torch.arange(0, wp + stride, stride), max=wp - 1)
+        got = prob[0, 0][lat_r][:, lat_c]
+        ref = full[0, 0][lat_r][:, lat_c]
+        assert (got - ref).abs().max() < 1e-6  # lattice points are decoded as usual
+        assert stats["queries"][0] < hp * wp  # agreeing cells were interpolated
+        # the binary masks agree almost everywhere
+        agree = ((prob > 0.5) == (full > 0.5)).float().mean()
+        assert agree > 0.97
+        # a cell is interpolated only if its corners agree, so the interpolated probabilities
+        # stay on the corners' side of 0.5
+        cell_r, cell_c = torch.arange(hp) // stride, torch.arange(wp) // stride
+        corners = full[0, 0][lat_r][:, lat_c] > 0.5
+        same = (corners[:-1, :-1] == corners[1:, :-1]) & (corners[:-1, :-1] == corners[:-1, 1:]) \
+            & (corners[:-1, :-1] == corners[1:, 1:])
+        side = corners[:-1, :-1][cell_r][:, cell_c]
+        inside = same[cell_r][:, cell_c]
+        assert torch.equal((prob[0, 0] > 0.5)[inside], side[inside])
+
+
+def test_strided_and_band_combined(refiner, sample):
+    image, seg = _padded(sample)
+    band_only = FastOptions(band=2.0, **TILED)
+    a = refine_fast(refiner.model, image, seg, (0.5, 1.0), band_only, crop=32)
+    b = refine_fast(refiner.model, image, seg, (0.5, 1.0), band_only.with_(stride=2), crop=32)
+    assert ((a > 0.5) == (b > 0.5)).float().mean() > 0.97
+
+
+def test_oom_retry_splits_windows(refiner, sample, monkeypatch):
+    img, mask = sample
+    opts = FastOptions(band=None, tile=32, halo=HALO, memory_mb=2.9)  # windows, not whole
+    ref = refiner.refine(img, mask, scales=ONE, fast=opts)
+    calls = {"oom": 0}
+    real = sparse_mod.encode_window
+
+    def flaky(net, image, mask_, rows, cols, halo, stats=None):
+        if rows[1] - rows[0] > 6:
+            calls["oom"] += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(net, image, mask_, rows, cols, halo, stats=stats)
+
+    monkeypatch.setattr(sparse_mod, "encode_window", flaky)
+    got = refiner.refine(img, mask, scales=ONE, fast=opts)
+    assert calls["oom"] > 0
+    assert np.abs(got - ref).max() < 1e-5  # exact halo: the split windows give the same answer
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        refiner.refine(img, mask, scales=ONE, fast=opts.with_(oom_retry=False))
+
+
+def test_autocast_and_channels_last_on_cpu(sample):
+    img, mask = sample
+    net = random_crm(TINY_ARCH, 1, random_bn=True)
+    ref = CRMRefiner(net).refine(img, mask, scales=ONE, fast=FastOptions(band=None, **TILED))
+    cl = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True),
+                    fast=FastOptions(band=None, channels_last=True, **TILED))
+    assert np.abs(cl.refine(img, mask, scales=ONE) - ref).max() < 1e-4
+    bf = CRMRefiner(net).refine(img, mask, scales=ONE,
+                                fast=FastOptions(band=None, autocast="bf16", **TILED))
+    assert np.isfinite(bf).all() and np.abs(bf - ref).mean() < 0.05
+
+
+def test_batch_and_empty_masks_on_fast_path(refiner, sample):
+    img, mask = sample
+    t1, m1 = prepare_inputs(img, mask)
+    opts = FastOptions(**TILED)
+    out = refiner.refine_tensors(torch.cat([t1, t1]), torch.cat([m1, -torch.ones_like(m1)]),
+                                 fast=opts)
+    assert out[1].abs().max() == 0 and out[0].abs().max() > 0
+    single = refiner.refine_tensors(t1, m1, fast=opts)
+    assert (out[0] - single[0]).abs().max() < 1e-5

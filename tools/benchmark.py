@@ -1,0 +1,476 @@
+#!/usr/bin/env python3
+"""Speed and memory of CRM inference: exact vs the fast path and each of its switches.
+
+Every case runs in a fresh subprocess (peak RSS = that process's ``ru_maxrss``: model, image and
+activations), in an interleaved order; the parent prints one table and writes it, with the
+machine and the command, to ``--output`` (BENCHMARKS.md). Cases:
+
+1. ``img1``: the demo photo (``highres_demo/aeroplane.jpg``) and its coarse mask resized to
+   2560x1706, 4 scales, with the official ResNet-50 architecture (random weights in the official
+   format, calibrated so that logits are not saturated: there are no official weights here) and
+   with the shipped weights. Modes: ``exact`` (the authors' arithmetic), ``dense`` (every pixel,
+   grid decoder; equals exact to ~1e-5), ``default`` (band decoding + windowed encoder),
+   ``stride4`` (strided decoding alone), ``band+stride2``.
+2. ``big``: 6000x4000 (and 3000x2000 for the growth with pixels), default path.
+3. ``coco``: the segments of a COCO panoptic image through ``crm_d2.segments.refine_segments``
+   (shipped weights), and the inner Panoptic FPN R50 (random weights) on the same image when
+   detectron2 imports.
+4. CascadePSP: HOOK ONLY (``--cascadepsp``): not implemented on this branch.
+5. MACs of each case next to the machine's measured fp32 matmul rate.
+
+Quality of the fast modes vs dense (= exact) on held-out real images (DAVIS, ECSSD; the shipped
+weights' validation split) is measured by the ``heldout`` case.
+
+Example::
+
+    python tools/benchmark.py --data ../shared/data --output BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+MODES = {
+    "exact": None,
+    "dense": dict(band=None, stride=1, memory_mb=float("inf"), skip_padding=False),
+    "default": {},
+    "stride4": dict(band=None, stride=4),
+    "band+stride2": dict(stride=2),
+}
+SCALES4 = (0.125, 0.25, 0.5, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Child side
+# --------------------------------------------------------------------------------------------
+def _refiner(weights: str):
+    from crm_d2 import CRMRefiner
+    from crm_d2.modeling import CRMNet
+
+    if weights == "lite":
+        return CRMRefiner.from_checkpoint(None)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from compare_official import random_official_state_dict
+
+    sd = random_official_state_dict(0)
+    net = CRMNet()
+    net.load_state_dict({k[len("module."):]: v for k, v in sd.items()})
+    return CRMRefiner(net)
+
+
+def _fast(mode: str):
+    from crm_d2.sparse import FastOptions
+
+    spec = MODES[mode]
+    return None if spec is None else FastOptions(**spec)
+
+
+def _demo(data: str, size: tuple[int, int]):
+    from PIL import Image
+
+    img = Image.open(os.path.join(data, "highres_demo", "aeroplane.jpg")).convert("RGB")
+    msk = Image.open(os.path.join(data, "highres_demo", "aeroplane.png")).convert("L")
+    w, h = size
+    return (np.asarray(img.resize((w, h), Image.BILINEAR)),
+            np.asarray(msk.resize((w, h), Image.BILINEAR)))
+
+
+def _mac_counts(refiner) -> dict:
+    """Encoder MACs per input pixel and decoder MACs per query (exact and fast forms)."""
+    net = refiner.model
+    macs = [0]
+
+    def hook(mod, inp, out):
+        k = mod.weight[0].numel()  # cin/groups * kh * kw
+        macs[0] += out.numel() * k
+
+    hs = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net.encode(torch.zeros(1, 3, 256, 256), torch.zeros(1, 1, 256, 256))
+    for h in hs:
+        h.remove()
+    lin = [m for m in net.imnet.layers if isinstance(m, torch.nn.Linear)]
+    tail = sum(m.in_features * m.out_features for m in lin[1:])
+    d = lin[0].out_features
+    return {
+        "enc_per_px": macs[0] / 256**2,
+        "dec_exact": 4 * (lin[0].in_features * d + tail),
+        "dec_fast": 4 * (6 * d + tail),
+        "proj_per_cell": net.arch.feat_dim * d,
+    }
+
+
+def _case_refine(args) -> dict:
+    from crm_d2.inference import PAD, prepare_inputs
+
+    refiner = _refiner(args.weights)
+    w, h = (int(v) for v in args.size.split("x"))
+    image, mask = _demo(args.data, (w, h))
+    img_t, msk_t = prepare_inputs(image, mask)
+    stats: dict = {}
+    t0 = time.perf_counter()
+    prob = refiner.refine_tensors(img_t, msk_t, scales=SCALES4, exact=args.mode == "exact",
+                                  fast=_fast(args.mode), stats=stats)[0].numpy()
+    seconds = time.perf_counter() - t0
+    mc = _mac_counts(refiner)
+    hp, wp = h + 2 * PAD, w + 2 * PAD
+    if args.mode == "exact":
+        enc_px = [max(1, round(hp * s)) * max(1, round(wp * s)) for s in SCALES4]
+        queries = [hp * wp] * len(SCALES4)
+        dec = mc["dec_exact"]
+        proj = 0
+    else:
+        enc_px, queries = stats["encoder_pixels"], stats["queries"]
+        dec = mc["dec_fast"]
+        proj = sum(enc_px) / 4 * mc["proj_per_cell"]
+    macs = sum(enc_px) * mc["enc_per_px"] + sum(queries) * dec + proj
+    np.save(args.out, prob > 0.5)
+    return {"seconds": seconds, "macs": macs, "queries": sum(queries),
+            "encoder_pixels": sum(enc_px)}
+
+
+def _case_coco(args) -> dict:
+    from PIL import Image
+
+    from crm_d2 import CRMRefiner
+    from crm_d2.segments import refine_segments
+
+    root = os.path.join(args.data, "coco_panoptic_sample")
+    name = "000000439180"
+    rgb = np.asarray(Image.open(os.path.join(root, "input_images", name + ".jpg")).convert("RGB"))
+    pan = np.asarray(Image.open(os.path.join(root, "panoptic_examples", name + ".png")),
+                     dtype=np.int64)
+    ids = pan[..., 0] + 256 * pan[..., 1] + 256**2 * pan[..., 2]
+    segs = [i for i in np.unique(ids) if i != 0]
+    masks = torch.from_numpy(np.stack([ids == i for i in segs]))
+    refiner = CRMRefiner.from_checkpoint(None)
+    scales = SCALES4 if args.mode.endswith("4s") else None
+    mode = args.mode.replace("-4s", "")
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    t0 = time.perf_counter()
+    out = refine_segments(refiner, image, masks, scales=scales, exact=mode == "exact",
+                          fast=_fast(mode) if mode != "exact" else None)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "segments": len(out), "all_segments": len(segs),
+            "scales": list(scales or refiner.scales), "image": f"{rgb.shape[1]}x{rgb.shape[0]}"}
+
+
+def _case_d2(args) -> dict:
+    try:
+        from detectron2.config import get_cfg
+        from detectron2.modeling import build_model
+
+        import crm_d2.meta_arch  # noqa: F401  (registers CRMRefinedModel)
+        from crm_d2.config import add_crm_config, merge_config_file
+    except ImportError as err:
+        return {"skipped": f"detectron2 does not import: {err}"}
+    from PIL import Image
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = get_cfg()
+    add_crm_config(cfg)
+    merge_config_file(cfg, os.path.join(repo, "configs", "panoptic_fpn_R_50_1x_crm.yaml"))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                         "MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH", "0.0",
+                         "TEST.DETECTIONS_PER_IMAGE", "30", "MODEL.CRM.EVAL_BOTH", "False"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    name = "000000439180"
+    path = os.path.join(args.data, "coco_panoptic_sample", "input_images", name + ".jpg")
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    h, w = rgb.shape[:2]
+    short, long_ = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    s = min(short / min(h, w), long_ / max(h, w))
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    net_in = torch.nn.functional.interpolate(
+        torch.from_numpy(bgr).permute(2, 0, 1)[None].float(),
+        size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False)[0]
+    inputs = [{"image": net_in, "height": h, "width": w,
+               "original_image": torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)}]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.model(inputs)  # warm-up of the inner model alone
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model(inputs)
+        total = time.perf_counter() - t0
+    timing = model.timing.summary()
+    n_seg = len(out[0]["panoptic_seg"][1]) if "panoptic_seg" in out[0] else -1
+    return {"seconds": total, "inner_s": timing["inner_s_per_image"],
+            "refine_s": timing["refine_s_per_image"], "warmup_inner_s": warm,
+            "panoptic_segments": n_seg, "instances": len(out[0]["instances"])}
+
+
+def _case_heldout(args) -> dict:
+    from crm_d2.evaluation.binary import boundary_accuracy, iou
+    from crm_d2.training.perturb import perturb_mask, random_iou_target
+    from crm_d2.training.sources import build_source
+
+    refiner = _refiner(args.weights)
+    rows = []
+    specs = [f"davis:{os.path.join(args.data, 'davis')}",
+             f"folder:{os.path.join(args.data, 'ecssd')}"]
+    per = {"davis": args.heldout_davis, "folder": args.heldout_ecssd}
+    for spec in specs:
+        kind, _train, val = build_source(spec, 0.05, 0)
+        step = max(1, len(val) // per[kind])
+        for i in range(0, len(val), step)[: per[kind]]:
+            image, mask, _ = val.load(i)
+            fg = mask > 127
+            if not fg.any():
+                continue
+            rng = np.random.default_rng([0, i])
+            coarse = perturb_mask(np.where(fg, 255, 0).astype(np.uint8), random_iou_target(rng),
+                                  rng)
+            res = {"source": kind, "size": f"{image.shape[1]}x{image.shape[0]}"}
+            ref = None
+            for mode in ("dense", "default", "stride4", "band+stride2"):
+                t0 = time.perf_counter()
+                prob = refiner.refine(image, coarse, scales=SCALES4, fast=_fast(mode))
+                pred = prob > 0.5
+                if mode == "dense":
+                    ref = pred
+                res[mode] = {"seconds": time.perf_counter() - t0, "iou_gt": iou(pred, fg),
+                             "mba_gt": boundary_accuracy(pred, fg),
+                             "iou_vs_dense": iou(pred, ref), "mba_vs_dense":
+                             boundary_accuracy(pred, ref)}
+            res["coarse"] = {"iou_gt": iou(coarse > 127, fg),
+                             "mba_gt": boundary_accuracy(coarse > 127, fg)}
+            rows.append(res)
+    return {"rows": rows}
+
+
+def _child(args) -> None:
+    torch.set_num_threads(args.threads)
+    fn = {"refine": _case_refine, "coco": _case_coco, "d2": _case_d2,
+          "heldout": _case_heldout}[args.case]
+    result = fn(args)
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+# --------------------------------------------------------------------------------------------
+def _run(argv: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", *argv]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over the {timeout:.0f} s time limit"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            out = json.loads(line[7:])
+            out["process_s"] = time.perf_counter() - t0
+            return out
+    return {"error": (proc.stderr or proc.stdout)[-600:]}
+
+
+def _matmul_rate(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 2.0:
+        a @ b
+        n += 1
+    return n * 1024**3 / (time.perf_counter() - t0)  # MAC/s
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "x86-64"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def _iou_mba(a_path: str, b_path: str) -> tuple[float, float]:
+    from crm_d2.evaluation.binary import boundary_accuracy, iou
+
+    a, b = np.load(a_path), np.load(b_path)
+    return iou(a, b), boundary_accuracy(a, b)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..",
+                                                   "shared", "data"))
+    ap.add_argument("--output", default="BENCHMARKS.md")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--timeout", type=float, default=1500)
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="case groups to skip: img1 exact big coco d2 switches heldout")
+    ap.add_argument("--img1", default="2560x1706", help="WxH of image 1")
+    ap.add_argument("--big", nargs="*", default=["3000x2000", "6000x4000"],
+                    help="WxH sizes of case 2 (r50; lite at the last one)")
+    ap.add_argument("--heldout-davis", type=int, default=3)
+    ap.add_argument("--heldout-ecssd", type=int, default=5)
+    ap.add_argument("--cascadepsp", action="store_true",
+                    help="HOOK for item 4 of issue 11 (CascadePSP global+local, fast mode): "
+                         "not implemented on this branch")
+    # child-only arguments
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--weights", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--size", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(args)
+        return 0
+    if args.cascadepsp:
+        print("CascadePSP cases: not implemented on this branch (see issue 11, item 4)")
+
+    common = ["--data", args.data, "--threads", str(args.threads)]
+    tmp = tempfile.mkdtemp(prefix="crm_bench_")
+    rate = _matmul_rate(args.threads)
+    results: list[tuple[str, dict]] = []
+
+    def refine_case(weights: str, mode: str, size: str) -> None:
+        out = os.path.join(tmp, f"{weights}_{mode}_{size}.npy")
+        res = _run(common + ["--case", "refine", "--weights", weights, "--mode", mode,
+                             "--size", size, "--out", out], args.timeout)
+        res["mask"] = out
+        label = f"{size} {weights} {mode}"
+        results.append((label, res))
+        print(f"{label}: {res}", flush=True)
+
+    img1 = args.img1
+    if "img1" not in args.skip:
+        order = ([] if "exact" in args.skip else [("r50", "exact")]) + [
+            ("r50", "default"), ("lite", "dense"), ("lite", "default")]
+        for weights, mode in order:
+            refine_case(weights, mode, img1)
+    if "big" not in args.skip:
+        for weights, size in [("r50", s) for s in args.big] + [("lite", args.big[-1])]:
+            refine_case(weights, "default", size)
+    if "coco" not in args.skip:
+        for mode in ("default", "dense"):
+            res = _run(common + ["--case", "coco", "--mode", mode], args.timeout)
+            results.append((f"coco refine_segments lite {mode}", res))
+            print(results[-1], flush=True)
+    if "d2" not in args.skip:
+        res = _run(common + ["--case", "d2"], args.timeout)
+        results.append(("coco Panoptic FPN R50 + CRM wrapper", res))
+        print(results[-1], flush=True)
+    if "switches" not in args.skip:
+        for weights, mode in (("r50", "stride4"), ("lite", "stride4"), ("r50", "band+stride2"),
+                              ("lite", "band+stride2")):
+            refine_case(weights, mode, img1)
+    heldout = None
+    if "heldout" not in args.skip:
+        heldout = _run(common + ["--case", "heldout", "--weights", "lite"], args.timeout)
+        print("heldout", heldout, flush=True)
+
+    text = _report(args, results, heldout, rate, img1)
+    print(text)
+    with open(args.output, "w") as f:
+        f.write(text)
+    return 0
+
+
+def _report(args, results, heldout, rate, img1) -> str:
+    by = dict(results)
+    lines = ["# Benchmarks", "",
+             f"Machine: {_machine()}; {args.threads} intra-op threads, OMP_WAIT_POLICY="
+             f"{os.environ.get('OMP_WAIT_POLICY')}. Measured fp32 matmul rate: "
+             f"{rate / 1e9:.1f} GMAC/s (1024x1024).", "",
+             "Command: `python " + " ".join(["tools/benchmark.py", *sys.argv[1:]]) + "`", "",
+             "Each row is one fresh process (peak RSS includes Python, torch, the model and the "
+             "image). r50 = official ResNet-50 architecture with random weights in the official "
+             "format (calibrated logits; there are no official weights here), lite = shipped "
+             "crm_d2_lite.pth. 4 scales (0.125, 0.25, 0.5, 1). IoU/mBA are of the binary "
+             "mask vs the reference row's mask (exact for r50, dense = exact to 1e-5 for lite). "
+             "MAC-bound time = MACs / measured matmul rate.", "",
+             "| case | time s | ratio vs ref | peak RSS GiB | GMAC | MAC-bound s | decoded "
+             "px (M) | encoder px (M) | IoU vs ref | mBA vs ref |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, res in results:
+        if "seconds" not in res or "macs" not in res:
+            continue
+        size, weights, _mode = label.split(" ", 2)
+        ref_label = f"{size} {weights} {'exact' if weights == 'r50' else 'dense'}"
+        ref = by.get(ref_label)
+        ratio = iou = mba = ""
+        if ref and "seconds" in ref and ref_label != label:
+            ratio = f"{ref['seconds'] / res['seconds']:.1f}x faster"
+            if size == img1:
+                i, m = _iou_mba(res["mask"], ref["mask"])
+                iou, mba = f"{i:.4f}", f"{m:.4f}"
+        lines.append(
+            f"| {label} | {res['seconds']:.1f} | {ratio} | {res['peak_rss_gib']:.2f} | "
+            f"{res['macs'] / 1e9:.0f} | {res['macs'] / rate:.1f} | {res['queries'] / 1e6:.2f} | "
+            f"{res['encoder_pixels'] / 1e6:.2f} | {iou} | {mba} |")
+    errs = [(label, res) for label, res in results if "seconds" not in res]
+    for label, res in errs:
+        lines.append(f"| {label} | {res.get('error') or res.get('skipped')} | | | | | | | | |")
+    lines += ["", "## COCO image: refinement vs the inner model", "",
+              "| case | seconds | segments refined | s/segment | peak RSS GiB | notes |",
+              "|---|---|---|---|---|---|"]
+    for label, res in results:
+        if not label.startswith("coco") or "seconds" not in res:
+            continue
+        if "segments" in res:
+            lines.append(f"| {label} | {res['seconds']:.2f} | {res['segments']} of "
+                         f"{res['all_segments']} | {res['seconds'] / max(res['segments'], 1):.3f}"
+                         f" | {res['peak_rss_gib']:.2f} | scales {res['scales']}, "
+                         f"{res['image']} |")
+        else:
+            lines.append(f"| {label} | {res['seconds']:.2f} | | | {res['peak_rss_gib']:.2f} | "
+                         f"inner {res['inner_s']:.2f} s, refinement {res['refine_s']:.2f} s "
+                         f"({res['panoptic_segments']} panoptic segments, {res['instances']} "
+                         f"instances; inner warm-up run {res['warmup_inner_s']:.2f} s) |")
+    if heldout and "rows" in heldout:
+        lines += ["", "## Held-out real images (lite weights, perturbed GT masks, 4 scales)", "",
+                  "Mean over images; `vs dense` compares the binary masks with the dense "
+                  "(= exact) path's.", "",
+                  "| mode | images | s/image | IoU vs GT | mBA vs GT | IoU vs dense | "
+                  "mBA vs dense |", "|---|---|---|---|---|---|---|"]
+        rows = heldout["rows"]
+        c_iou = np.mean([r["coarse"]["iou_gt"] for r in rows])
+        c_mba = np.mean([r["coarse"]["mba_gt"] for r in rows])
+        lines.append(f"| coarse input | {len(rows)} | | {c_iou:.4f} | {c_mba:.4f} | | |")
+        for mode in ("dense", "default", "stride4", "band+stride2"):
+            vals = {k: np.mean([r[mode][k] for r in rows]) for k in rows[0][mode]}
+            worst = min(r[mode]["iou_vs_dense"] for r in rows)
+            lines.append(f"| {mode} | {len(rows)} | {vals['seconds']:.2f} | {vals['iou_gt']:.4f}"
+                         f" | {vals['mba_gt']:.4f} | {vals['iou_vs_dense']:.4f} (min "
+                         f"{worst:.4f}) | {vals['mba_vs_dense']:.4f} |")
+        sizes = sorted({r["size"] for r in rows})
+        lines.append("")
+        lines.append(f"Images: {len(rows)} ({', '.join(sizes)}), spread over the held-out "
+                     "split of DAVIS and ECSSD (seed 0, 5%).")
+    elif heldout:
+        lines += ["", f"Held-out case failed: {heldout.get('error')}"]
+    lines += ["", "CascadePSP (issue 11 item 4): hook only (`--cascadepsp`), not measured on "
+              "this branch.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
