@@ -216,8 +216,9 @@ def _case_d2(args) -> dict:
 
 
 def _case_heldout(args) -> dict:
-    from crm_d2.evaluation.binary import boundary_accuracy, iou
     from crm_d2.training.perturb import perturb_mask, random_iou_target
+
+    from crm_d2.evaluation.binary import boundary_accuracy, iou
     from crm_d2.training.sources import build_source
 
     refiner = _refiner(args.weights)
