@@ -73,7 +73,9 @@ class CoarseGTSimulator(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        return {"coarse": CoarseSpec.parse(cfg.MODEL.CRM.SIMULATOR_COARSE, seed=cfg.SEED)}
+        # detectron2's SEED -1 means "any seed"; the simulation is deterministic, with seed 0
+        seed = cfg.SEED if cfg.SEED >= 0 else 0
+        return {"coarse": CoarseSpec.parse(cfg.MODEL.CRM.SIMULATOR_COARSE, seed=seed)}
 
     @property
     def device(self) -> torch.device:

@@ -45,6 +45,10 @@ class CoarseSpec:
     kind: CoarseKind
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if int(self.seed) < 0:
+            raise ValueError(f"the coarse-mask seed must be >= 0, got {self.seed}")
+
     @classmethod
     def parse(cls, text: str, seed: int = 0) -> CoarseSpec:
         """Parse a coarse kind (e.g. ``stride8_binary``); ValueError names the accepted forms."""
@@ -67,7 +71,9 @@ class CoarseSpec:
             (H, W) uint8 0..255 (soft only for the soft ``stride<K>`` kinds).
         """
         gt_u8 = np.ascontiguousarray(gt, dtype=np.uint8) * 255
-        rng = np.random.default_rng([self.seed, *(int(v) for v in key)])
+        rng = None
+        if self.kind.random:
+            rng = np.random.default_rng([self.seed, *(int(v) for v in key)])
         return self.kind.render(gt_u8, rng)
 
 
