@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .frozen import FrozenNetwork
 from .inference import prepare_inputs
-from .modeling.cascadepsp import CascadePSPArch, CascadePSPNet
+from .modeling.cascadepsp import CascadePSPNet
 
 __all__ = [
     "DEFAULT_L",
@@ -205,7 +206,7 @@ def _fast_output(pred: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(pred, size=size, mode="bilinear", align_corners=True)
 
 
-class CascadePSPRefiner:
+class CascadePSPRefiner(FrozenNetwork):
     """A frozen CascadePSP network with the paper's global (+ local) inference.
 
     Same interface as :class:`~crm_d2.inference.CRMRefiner`: build it with
@@ -240,24 +241,11 @@ class CascadePSPRefiner:
         binarize: bool = True,
         metadata: dict | None = None,
     ) -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self._freeze(model, torch.device(device))
         self.L = _check_L(L)
         self.fast = bool(fast)
         self.binarize = bool(binarize)
         self.metadata = dict(metadata or {})
-
-    def to(self, device: torch.device | str) -> CascadePSPRefiner:
-        """Move the network to ``device`` and compute there from now on (returns self)."""
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
-    @property
-    def arch(self) -> CascadePSPArch:
-        return self.model.arch
 
     @classmethod
     def from_checkpoint(

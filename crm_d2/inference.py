@@ -22,8 +22,9 @@ import torch
 from torch.nn import functional as F
 
 from .distributed import check_device
+from .frozen import FrozenNetwork
 from .io import mask_to_prob
-from .modeling.crm import CRMArch, CRMNet, make_coord_axes
+from .modeling.crm import CRMNet, make_coord_axes
 from .sparse import FastOptions, refine_fast
 
 __all__ = [
@@ -156,7 +157,7 @@ def reflect_pad(x: torch.Tensor, pad: int = PAD) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # The refiner
 # --------------------------------------------------------------------------------------------
-class CRMRefiner:
+class CRMRefiner(FrozenNetwork):
     """A frozen CRM network with the official multi-scale inference schedule.
 
     Build it with :meth:`from_checkpoint` (official ``model_45705``, a plain state dict or the
@@ -180,10 +181,7 @@ class CRMRefiner:
         metadata: dict | None = None,
         fast: FastOptions = DEFAULT_FAST,
     ) -> None:
-        self.device = check_device(device)
-        self.model = model.to(self.device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self._freeze(model, check_device(device))
         self.scales = _check_scales(scales)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -197,16 +195,6 @@ class CRMRefiner:
         self.fast = fast
         if fast.channels_last:
             self.model.to(memory_format=torch.channels_last)
-
-    def to(self, device: torch.device | str) -> CRMRefiner:
-        """Move the network to ``device`` and compute there from now on (returns self)."""
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
-    @property
-    def arch(self) -> CRMArch:
-        return self.model.arch
 
     @classmethod
     def from_checkpoint(
