@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .frozen import FrozenNetwork
-from .inference import prepare_inputs
+from .inference import check_batch, prepare_inputs
 from .modeling.cascadepsp import CascadePSPNet
 
 __all__ = [
@@ -340,14 +340,7 @@ class CascadePSPRefiner(FrozenNetwork):
                 "CascadePSP has no input scales (that is a CRM setting): leave scales unset and "
                 "choose the resolution with L"
             )
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
-        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0]:
-            raise ValueError(f"mask must be (B, 1, H, W) with B={image.shape[0]}, got "
-                             f"{tuple(mask.shape)}")
-        if mask.shape[-2:] != image.shape[-2:]:
-            raise ValueError(f"image is {tuple(image.shape[-2:])} but mask is "
-                             f"{tuple(mask.shape[-2:])}")
+        check_batch(image, mask)
         fast = self.fast if fast is None else bool(fast)
         L = self.L if L is None else _check_L(L)
         image = image.to(self.device, torch.float32)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .inference import IMAGENET_MEAN, IMAGENET_STD, prepare_inputs
+from .inference import IMAGENET_MEAN, IMAGENET_STD, check_batch, prepare_inputs
 
 __all__ = ["GuidedFilterRefiner", "guided_filter"]
 
@@ -142,11 +142,7 @@ class GuidedFilterRefiner:
                        progress=None) -> torch.Tensor:
         """Filter a batch: ImageNet-normalised (B, 3, H, W) images, (B, 1, H, W) masks in
         [-1, 1] (CRM's input convention) -> (B, H, W) probabilities in [0, 1]."""
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
-        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0]:
-            raise ValueError(f"mask must be (B, 1, H, W) with B={image.shape[0]}, got "
-                             f"{tuple(mask.shape)}")
+        check_batch(image, mask)
         image = image.to(self.device, torch.float32)
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)

@@ -29,6 +29,7 @@ from .sparse import FastOptions, refine_fast
 
 __all__ = [
     "CRMRefiner",
+    "check_batch",
     "DEFAULT_FAST",
     "DEFAULT_SCALES",
     "FastOptions",
@@ -299,14 +300,7 @@ class CRMRefiner(FrozenNetwork):
             (B, H, W) float32 probabilities on the refiner's device.
         """
         scales = self.scales if scales is None else _check_scales(scales)
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
-        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0]:
-            raise ValueError(f"mask must be (B, 1, H, W) with B={image.shape[0]}, got "
-                             f"{tuple(mask.shape)}")
-        if mask.shape[-2:] != image.shape[-2:]:
-            raise ValueError(f"image is {tuple(image.shape[-2:])} but mask is "
-                             f"{tuple(mask.shape[-2:])}")
+        check_batch(image, mask)
         image = image.to(self.device, torch.float32)
         seg = reflect_pad(mask.to(self.device, torch.float32))
         image = reflect_pad(image)
@@ -362,6 +356,22 @@ def scales_for_size(
         return scales
     keep = tuple(s for s in scales if round(min(size) * s) >= min_side)
     return keep or (max(scales),)
+
+
+def check_batch(image: torch.Tensor, mask: torch.Tensor) -> None:
+    """Validate the batched refiner inputs: (B, 3, H, W) images and (B, 1, H, W) masks.
+
+    Raises:
+        ValueError: naming the shape that is wrong.
+    """
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0]:
+        raise ValueError(f"mask must be (B, 1, H, W) with B={image.shape[0]}, got "
+                         f"{tuple(mask.shape)}")
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"image is {tuple(image.shape[-2:])} but mask is "
+                         f"{tuple(mask.shape[-2:])}")
 
 
 def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:

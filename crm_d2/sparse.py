@@ -175,12 +175,9 @@ class _ScaleDecoder:
         grid_size: tuple[int, int],
         opts: FastOptions,
         chunk: int,
-        progress: ProgressFn | None,
-        stage: str,
     ) -> None:
         self.net, self.image, self.mask, self.opts = net, image, mask, opts
         self.grid_size = grid_size
-        self.progress, self.stage = progress, stage
         bsz = image.shape[0]
         h, w = image.shape[-2:]
         self.fsize = feature_size((h, w))
@@ -304,7 +301,7 @@ class _ScaleDecoder:
             self.whole_fits and len(blocks) * win * win >= 0.8 * h * w
         )
         done = 0
-        for bi, (i, j, r0, r1, c0, c1) in enumerate(blocks):
+        for i, j, r0, r1, c0, c1 in blocks:
             sel = todo[:, r0:r1, c0:c1].nonzero()
             if sel.numel() == 0:
                 continue
@@ -319,8 +316,6 @@ class _ScaleDecoder:
                 proj, origin = self._tile_proj((i, j), rows, cols), (rows[0], cols[0])
             self._decode_chunks(proj, pb, py, px, origin, out)
             done += pb.numel()
-            if self.progress is not None:
-                self.progress(self.stage, bi + 1, len(blocks))
         return done
 
 
@@ -376,11 +371,9 @@ def _dense_decode(dec: _ScaleDecoder, chunk: int) -> Tensor:
     logits = torch.empty(bsz, hp * wp, device=feat.device)
     step = max(1, chunk // wp)
     spans = [(a, min(a + step, hp)) for a in range(0, hp, step)]
-    for ci, (a, b) in enumerate(spans):
+    for a, b in spans:
         out = dec.net.decode_grid(feat, (hp, wp), rows=(a, b))
         logits[:, a * wp : b * wp] = out.reshape(bsz, -1)
-        if dec.progress is not None:
-            dec.progress(dec.stage, ci + 1, len(spans))
     dec.queries += hp * wp
     return logits.view(bsz, hp, wp)
 
@@ -442,7 +435,7 @@ def refine_fast(
         stage = f"scale {s:g} ({si + 1}/{len(scales)})"
         if progress is not None:
             progress(stage, 0, 1)  # the scale starts: encoding
-        dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk, None, stage)
+        dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk)
         if width is None and opts.stride == 1 and dec.whole_fits:
             logits = _dense_decode(dec, chunk)
         else:

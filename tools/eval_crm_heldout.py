@@ -41,8 +41,8 @@ from crm_d2 import CRMRefiner
 from crm_d2.band import restrict_to_band
 from crm_d2.coarse import CoarseKind, parse_kinds
 from crm_d2.evaluation.binary import BinaryMetrics
-from crm_d2.guided_filter import GuidedFilterRefiner
 from crm_d2.io import write_json, write_text
+from crm_d2.refiners import load_refiner
 from crm_d2.training.sources import build_source
 
 logger = logging.getLogger("eval_crm_heldout")
@@ -53,15 +53,15 @@ COLUMNS = ("iou", "mean_iou", "mba", "boundary_iou")
 
 def build_refiner(spec: str, device: str, scales: Sequence[float] | None,
                   min_side: int | None):
-    """``guided_filter[:R,EPS]`` or a CRM checkpoint path -> a refiner."""
+    """``guided_filter[:R,EPS]`` or a CRM checkpoint path -> a refiner of the factory."""
     if spec.startswith("guided_filter"):
         _, _, args = spec.partition(":")
+        kwargs = {}
         if args:
             radius, eps = args.split(",")
-            return GuidedFilterRefiner(int(radius), float(eps), device=device)
-        return GuidedFilterRefiner(device=device)
-    kwargs = {} if min_side is None else {"min_side": min_side}
-    return CRMRefiner.from_checkpoint(spec, device, scales=scales, **kwargs)
+            kwargs = {"radius": int(radius), "eps": float(eps)}
+        return load_refiner("guided_filter", None, device, **kwargs)
+    return load_refiner("crm", spec, device, scales=scales, min_side=min_side)
 
 
 class BandRestricted:
