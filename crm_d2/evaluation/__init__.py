@@ -4,6 +4,7 @@ Definitions follow the papers and the official implementations named in each mod
 Only numpy, OpenCV, Pillow and pycocotools are needed (faster-coco-eval for Boundary AP).
 """
 
+from .aggregate import pooled_iou, summarize_objects
 from .binary import (
     BinaryMetrics,
     ObjectScores,
@@ -41,8 +42,10 @@ __all__ = [
     "id2rgb",
     "iou",
     "mask_to_boundary",
+    "pooled_iou",
     "pq_compute",
     "read_panoptic_png",
     "rgb2id",
+    "summarize_objects",
     "write_panoptic_png",
 ]

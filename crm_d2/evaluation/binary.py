@@ -11,7 +11,8 @@ therefore reads as EMPTY: pass it as ``mask.astype(bool)``. Any other dtype is a
 Definitions:
 
 * IoU of one object = |P & G| / |P | G|; the IoU of a set (BIG protocol) is pooled:
-  sum of intersections / sum of unions (:class:`PooledIoU`).
+  sum of intersections / sum of unions (:class:`PooledIoU`). Every set number (and its NaN rule)
+  comes from :mod:`crm_d2.evaluation.aggregate`.
 * mBA (CascadePSP, ``util/compute_boundary_acc.py``): :func:`boundary_accuracy`.
 * Boundary IoU (Cheng et al., CVPR 2021, boundary-iou-api ``mask_to_boundary``):
   :func:`boundary_iou`.
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+
+from .aggregate import pooled_iou, summarize_objects
 
 __all__ = [
     "BIG_EMPTY_COARSE_SUM",
@@ -127,9 +130,7 @@ class PooledIoU:
     @property
     def pooled(self) -> float:
         """Sum of intersections / sum of unions; NaN with no objects, 1.0 if all unions are 0."""
-        if not self.ious:
-            return math.nan
-        return 1.0 if self.union == 0 else self.intersection / self.union
+        return pooled_iou(self.intersection, self.union, len(self.ious))
 
     @property
     def mean(self) -> float:
@@ -159,8 +160,9 @@ def boundary_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
 
     Empty band: the band is empty exactly when the ground truth is constant (all 0 or all 1). The
     official code then divides 0 by 0 with numpy and returns NaN (with a RuntimeWarning); this
-    function returns NaN too (without the warning), so a set mean over such an object is NaN as
-    in the official evaluation.
+    function returns NaN too (without the warning); the set aggregator
+    (:func:`~crm_d2.evaluation.aggregate.summarize_objects`) leaves such objects out of the set's
+    mBA and counts them.
 
     Args:
         pred: ``(H, W)`` bool or 0..255 uint8 prediction.
@@ -302,10 +304,11 @@ class BinaryMetrics:
     coarse input; :meth:`summary` reports fractions in [0, 1]:
 
     * ``iou``: pooled IoU (sum of intersections / sum of unions), ``mean_iou``: mean per object,
-    * ``mba``: mean mBA (NaN if any object's mBA is NaN, as in the official evaluation),
+    * ``mba``: mean mBA over the objects whose mBA is defined, ``mba_undefined``: how many are
+      not (constant ground truth; the NaN rule of :mod:`crm_d2.evaluation.aggregate`),
     * ``boundary_iou``: mean Boundary IoU,
     * ``num_objects``,
-    * with coarse masks: the same four for the coarse masks (``coarse_iou`` ...), and
+    * with coarse masks: the same for the coarse masks (``coarse_iou`` ...), and
       ``worse_fraction``, the share of objects whose refined IoU is strictly below their coarse IoU.
     """
 
@@ -332,28 +335,13 @@ class BinaryMetrics:
         self.refined.append(scores)
         return scores
 
-    @staticmethod
-    def _summarize(scores: list[ObjectScores], prefix: str) -> dict[str, float]:
-        inter = sum(s.intersection for s in scores)
-        union = sum(s.union for s in scores)
-        n = len(scores)
-        if n == 0:
-            pooled = math.nan
-        else:
-            pooled = 1.0 if union == 0 else inter / union
-        return {
-            f"{prefix}iou": pooled,
-            f"{prefix}mean_iou": sum(s.iou for s in scores) / n if n else math.nan,
-            f"{prefix}mba": sum(s.mba for s in scores) / n if n else math.nan,
-            f"{prefix}boundary_iou": sum(s.boundary_iou for s in scores) / n if n else math.nan,
-        }
-
     def summary(self) -> dict[str, float]:
         """Set metrics as fractions (see the class docstring)."""
-        out = self._summarize(self.refined, "")
-        out["num_objects"] = float(len(self.refined))
+        out = summarize_objects(self.refined)
         if self.coarse:
-            out.update(self._summarize(self.coarse, "coarse_"))
+            coarse = summarize_objects(self.coarse, "coarse_")
+            del coarse["coarse_num_objects"]
+            out.update(coarse)
             worse = sum(r.iou < c.iou for r, c in zip(self.refined, self.coarse))
             out["worse_fraction"] = worse / len(self.refined)
         return out

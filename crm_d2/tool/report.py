@@ -10,10 +10,12 @@ Metrics by input layout:
 * panoptic: PQ / SQ / RQ (All, Things, Stuff) and Boundary PQ
   (:func:`crm_d2.evaluation.pq_compute`, :func:`crm_d2.evaluation.boundary_pq`);
 * BIG: pooled IoU, mBA, Boundary IoU (:class:`crm_d2.evaluation.BinaryMetrics`, the official
-  evaluation's definitions: a NaN mBA of one image makes the set's mBA NaN);
+  evaluation's definitions);
 * every layout: per-object scores of the predictions paired with a ground truth (pooled and mean
   IoU, mBA (mean over objects with a defined mBA), Boundary IoU) and the share of objects whose
   IoU went down / up.
+
+Both set summaries come from :func:`crm_d2.evaluation.aggregate.summarize_objects` (one NaN rule).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..evaluation.aggregate import summarize_objects
 from ..evaluation.binary import BinaryMetrics, ObjectScores
 from ..evaluation.coco import coco_mask_ap
 from ..evaluation.panoptic import boundary_pq, pq_compute, read_panoptic_png
@@ -131,19 +134,9 @@ def object_summary(objects: Sequence[dict]) -> dict[str, float]:
     """
     out: dict[str, Any] = {"count": len(objects)}
     for side in ("before", "after"):
-        scores = [_scores(o[side]) for o in objects]
-        inter = sum(s.intersection for s in scores)
-        union = sum(s.union for s in scores)
-        mba = [s.mba for s in scores if not math.isnan(s.mba)]
-        out[side] = {
-            "iou": (1.0 if union == 0 else inter / union) if scores else math.nan,
-            "mean_iou": float(np.mean([s.iou for s in scores])) if scores else math.nan,
-            "mba": float(np.mean(mba)) if mba else math.nan,
-            "boundary_iou": (
-                float(np.mean([s.boundary_iou for s in scores])) if scores else math.nan
-            ),
-        }
-        out["mba_undefined"] = len(scores) - len(mba)
+        summary = summarize_objects([_scores(o[side]) for o in objects])
+        out[side] = {k: summary[k] for k in ("iou", "mean_iou", "mba", "boundary_iou")}
+        out["mba_undefined"] = int(summary["mba_undefined"])
     deltas = [_delta(o) for o in objects]
     refined = [d for d, o in zip(deltas, objects) if o["refined"]]
     n = len(objects)
