@@ -404,6 +404,7 @@ class CocoObjectPairs(Dataset):
 
 # --------------------------------------------------------------------------- training samples
 
+
 class CRMTrainDataset(Dataset):
     """CRM training samples built on the fly (the CRM paper's online dataset, §3).
 
