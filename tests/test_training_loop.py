@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import runpy
 import subprocess
 import sys
@@ -198,6 +199,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, disc_pairs):
 
     split = tmp_path / "split"
     train(_config(split, iterations=3), [_dataset(disc_pairs)])
+    # Resume from the layout the first release wrote by hand (plain torch.save of this dict).
+    _rewrite_in_old_layout(split / "last.pth")
     train(_config(split, resume="auto"), [_dataset(disc_pairs)])
     assert [r["iter"] for r in _events(split, "train")] == [1, 2, 3, 4, 5, 6]
 
@@ -223,6 +226,97 @@ def test_resume_matches_uninterrupted_run(tmp_path, disc_pairs):
     assert not torch.equal(
         c["state_dict"]["imnet.layers.0.weight"], a["state_dict"]["imnet.layers.0.weight"]
     )
+
+
+# The layout of last.pth since the first release; runs in progress resume from such files.
+OLD_TOP_KEYS = ["format", "version", "arch", "state_dict", "scales", "train_state"]
+OLD_TRAIN_STATE_KEYS = [
+    "iteration",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "world_size",
+    "wall_time_s",
+    "best",
+    "config",
+]
+
+
+def _rewrite_in_old_layout(path: Path) -> None:
+    """Check ``path`` has the old layout, then rewrite it as the old hand-written writer did."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    assert list(obj) == OLD_TOP_KEYS
+    assert list(obj["train_state"]) == OLD_TRAIN_STATE_KEYS
+    assert (obj["format"], obj["version"]) == ("crm_d2", 1)
+    assert all(
+        v.dtype == torch.float32 for v in obj["state_dict"].values() if v.is_floating_point()
+    )
+    state = obj["train_state"]
+    old = {
+        "format": "crm_d2",
+        "version": 1,
+        "arch": dict(obj["arch"]),
+        "state_dict": {k: v.clone() for k, v in obj["state_dict"].items()},
+        "scales": list(obj["scales"]),
+        "train_state": {k: state[k] for k in OLD_TRAIN_STATE_KEYS},
+    }
+    path.unlink()
+    torch.save(old, path)
+
+
+def test_resume_from_hand_built_old_layout(tmp_path, disc_pairs):
+    """A last.pth built key by key in the old layout (not by train()) resumes where it says."""
+    torch.manual_seed(0)
+    model = CRMNet(PRESETS["tiny"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2.25e-4, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4], gamma=0.1)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    sched = scheduler.state_dict()
+    sched["milestones"] = dict(sched["milestones"])
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(
+        {
+            "format": "crm_d2",
+            "version": 1,
+            "arch": PRESETS["tiny"].to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "scales": [1.0],
+            "train_state": {
+                "iteration": 3,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": sched,
+                "scaler": None,
+                "rng": [rng],
+                "world_size": 1,
+                "wall_time_s": 12.5,
+                "best": None,
+                "config": {"crop_size": CROP, "batch_size": 2, "seed": 0},
+            },
+        },
+        out / "last.pth",
+    )
+    train(_config(out, iterations=4, resume="auto"), [_dataset(disc_pairs)])
+    assert [r["iter"] for r in _events(out, "train")] == [4]
+    done = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert done["train_state"]["iteration"] == 4
+    assert done["train_state"]["wall_time_s"] > 12.5
+    assert done["train_state"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(_lr_after(4))
 
 
 def test_resume_rejects_plain_weights(tmp_path, disc_pairs):
@@ -272,8 +366,7 @@ def test_val_samples_rotate_coarse_kinds(disc_pairs):
     source = ImageMaskPairs(disc_pairs)
     a = make_val_samples([source], seed=3, max_per_source=5)
     b = make_val_samples([source], seed=3, max_per_source=5)
-    assert [s.perturb for s in a] == ["perturb", "stride8", "stride8_binary", "maskrcnn",
-                                      "perturb"]
+    assert [s.perturb for s in a] == ["perturb", "stride8", "stride8_binary", "maskrcnn", "perturb"]
     assert all(np.array_equal(x.coarse, y.coarse) for x, y in zip(a, b))
     for s in a:
         fg = np.where(s.gt >= 128, 255, 0).astype(np.uint8)
@@ -343,17 +436,23 @@ def test_cli_help_runs_without_detectron2():
 def test_cli_rejects_bad_coarse_and_scale_range():
     tool = runpy.run_path(str(REPO_ROOT / "tools" / "train_crm.py"), run_name="train_crm")
     parser = tool["build_parser"]()
-    args = parser.parse_args(["--data", "folder:/x", "--coarse", "perturb+stride8_binary*2",
-                              "--scale-range", "0.25,1"])
+    args = parser.parse_args(
+        ["--data", "folder:/x", "--coarse", "perturb+stride8_binary*2", "--scale-range", "0.25,1"]
+    )
     assert args.coarse == "perturb+stride8_binary*2" and args.scale_range == (0.25, 1.0)
-    for bad in (["--coarse", "blur"], ["--coarse", "contour"], ["--scale-range", "1,0.5"],
-                ["--scale-range", "0.5"]):
+    for bad in (
+        ["--coarse", "blur"],
+        ["--coarse", "contour"],
+        ["--scale-range", "1,0.5"],
+        ["--scale-range", "0.5"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(["--data", "folder:/x", *bad])
 
 
 def test_cli_data_spec_parsing():
     from crm_d2.training.sources import parse_data_spec as parse
+
     assert parse("folder:/a/b") == ("folder", ["/a/b"])
     assert parse("coco:/x.json:/imgs") == ("coco", ["/x.json", "/imgs"])
     for bad in ("/a/b", "coco:/x.json", "lmdb:/a"):

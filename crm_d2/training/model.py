@@ -14,7 +14,7 @@ from torch import nn
 
 from ..checkpoint import load_crm
 from ..modeling.crm import CRMNet
-from .config import TrainConfig, resolve_arch
+from .config import TrainConfig
 from .state import seed_all
 
 __all__ = [
@@ -167,7 +167,7 @@ def build_training_objects(
         init_report = load_imagenet_init(model, cfg.init.partition(":")[2] or None)
     elif cfg.init != "scratch":
         init_report = load_init_weights(model, cfg.init)
-    elif main and resolve_arch(cfg.arch).block == "bottleneck":
+    elif main and cfg.training_arch.encoder == "resnet" and cfg.training_arch.block == "bottleneck":
         logger.warning(
             "training the ResNet-50 CRM from scratch: the paper starts from ImageNet weights"
         )
