@@ -57,6 +57,55 @@ def test_mask_rule_palette_colour_01_and_bilevel_equal_the_gray_twin(tmp_path):
         assert np.array_equal(load_mask(path), want), kind  # the training reader
 
 
+def test_every_mask_reader_reads_a_palette_mask_like_its_gray_twin(tmp_path):
+    """A DAVIS-style index-1 palette mask (luminance ~38) equals its 0/255 twin in every reader:
+    crm_d2.io, the training pairs and samples, crm-eval's overlay reader and the benchmark demo
+    (crm-refine and crm-eval's BIG reader: the two end-to-end tests below)."""
+    import runpy
+    from pathlib import Path
+
+    from crm_d2.tool.report import big_masks
+    from crm_d2.training.datasets import CRMTrainDataset, ImageMaskPairs
+
+    m = _object()
+    image = np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    paths = {}
+    for kind in ("gray", "pal"):
+        folder = tmp_path / kind
+        (folder / "highres_demo").mkdir(parents=True)
+        Image.fromarray(image).save(folder / "highres_demo" / "aeroplane.jpg", quality=100)
+        mask_path = folder / "highres_demo" / "aeroplane.png"
+        if kind == "gray":
+            Image.fromarray(m.astype(np.uint8) * 255).save(mask_path)
+        else:
+            _palette_png(mask_path, m)
+        paths[kind] = (str(folder / "highres_demo" / "aeroplane.jpg"), str(mask_path))
+    with Image.open(paths["pal"][1]) as im:
+        assert im.mode == "P" and np.asarray(im.convert("L")).max() < 128  # the trap
+    bench = runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"), run_name="bench"
+    )
+
+    def readers(kind: str) -> dict[str, np.ndarray]:
+        image_path, mask_path = paths[kind]
+        sample = CRMTrainDataset([paths[kind]], crop_size=32, coarse="stride8", seed=0)[0]
+        return {
+            "read_mask": read_mask(mask_path),
+            "training load_mask": load_mask(mask_path),
+            "training pairs": ImageMaskPairs([paths[kind]]).load(0)[1],
+            "training sample gt": sample["gt"].numpy(),
+            "training sample coarse": sample["coarse"].numpy(),
+            "crm-eval overlays": np.stack(big_masks({"coarse_png": mask_path,
+                                                     "refined_png": mask_path}, {})),
+            "benchmark demo": bench["_demo"](str(tmp_path / kind), (W // 2, H // 2))[1],
+        }
+
+    gray, pal = readers("gray"), readers("pal")
+    assert gray["read_mask"].max() == 255 and gray["benchmark demo"].max() > 128
+    for name, want in gray.items():
+        assert np.array_equal(pal[name], want), name
+
+
 def test_mask_rule_16bit_soft_masks_keep_their_values(tmp_path):
     soft = np.full((H, W), round(0.3 * 65535), np.uint16)
     soft[:5] = 65535

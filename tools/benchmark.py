@@ -81,8 +81,10 @@ def _fast(mode: str):
 def _demo(data: str, size: tuple[int, int]):
     from PIL import Image
 
-    img = Image.open(os.path.join(data, "highres_demo", "aeroplane.jpg")).convert("RGB")
-    msk = Image.open(os.path.join(data, "highres_demo", "aeroplane.png")).convert("L")
+    from crm_d2.io import read_image, read_mask
+
+    img = Image.fromarray(read_image(os.path.join(data, "highres_demo", "aeroplane.jpg")))
+    msk = Image.fromarray(read_mask(os.path.join(data, "highres_demo", "aeroplane.png")))
     w, h = size
     return (np.asarray(img.resize((w, h), Image.BILINEAR)),
             np.asarray(msk.resize((w, h), Image.BILINEAR)))

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
+from crm_d2.io import image_size
 
 logger = logging.getLogger("build_training_set")
 
@@ -57,10 +57,11 @@ def link_pairs(image_dir: Path, mask_dir: Path, out: Path) -> tuple[int, list[st
         if not mask.is_file():
             problems.append(f"{image.name}: no mask")
             continue
-        with Image.open(image) as a, Image.open(mask) as b:
-            if a.size != b.size:
-                problems.append(f"{image.name}: image {a.size} vs mask {b.size}")
-                continue
+        # Sizes as the readers of crm_d2.io see them (EXIF orientation applied).
+        size_a, size_b = image_size(image), image_size(mask)
+        if size_a != size_b:
+            problems.append(f"{image.name}: image (H, W) {size_a} vs mask {size_b}")
+            continue
         for src, dst in ((image, out / "images" / image.name), (mask, out / "masks" / mask.name)):
             if dst.is_symlink() or dst.exists():
                 dst.unlink()
