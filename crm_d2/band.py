@@ -25,6 +25,12 @@ def boundary_band(mask: torch.Tensor, width: int) -> torch.Tensor:
 
     Returns:
         (B, H, W) bool: dilation minus erosion of ``mask`` by a (2 width + 1)^2 square.
+
+    This is the exact band (the pixels whose (2 width + 1)^2 window holds both classes; the
+    image border is not an edge), because it decides which refined pixels are kept.
+    :func:`crm_d2.sparse.boundary_band` is a different, deliberately coarser set: a cheap
+    superset of this band computed on cells of about ``width / 2`` pixels, which only decides
+    which pixels the sparse decoder evaluates. They are not interchangeable.
     """
     if mask.ndim != 3 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a (B, H, W) bool tensor, got {mask.dtype} "

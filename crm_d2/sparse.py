@@ -142,6 +142,11 @@ def boundary_band(prob: Tensor, width: int) -> Tensor:
 
     Returns:
         (B, H, W) bool.
+
+    Not the exact band of :func:`crm_d2.band.boundary_band` (dilation minus erosion, which
+    decides which refined pixels are kept): this one only chooses the pixels to decode, so it
+    may be wider, and working on cells keeps it cheap on large images. It contains the exact
+    band of the same ``width``.
     """
     bsz, _, h, w = prob.shape
     c = max(1, width // 2)
