@@ -34,25 +34,19 @@ import os
 import sys
 from collections.abc import Sequence
 
+from crm_d2.cli.args import (
+    float_list,
+    float_range,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from crm_d2.coarse import CoarseMix
 from crm_d2.training.sources import build_source
 
 logger = logging.getLogger("train_crm")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.replace(",", " ").split())
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.replace(",", " ").split())
-
-
-def _floats2(text: str) -> tuple[float, float]:
-    values = tuple(float(v) for v in text.replace(",", " ").split())
-    if len(values) != 2 or not 0 < values[0] <= values[1]:
-        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI, got {text!r}")
-    return values
 
 
 def _coarse(text: str) -> str:
@@ -102,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--scale-range",
-        type=_floats2,
+        type=float_range,
         default=(1.0, 1.0),
         metavar="LO,HI",
         help="random resize of each training image by a factor in [LO, HI] before the crop "
@@ -117,20 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
         "with 128-channel features, tiny = half of lite, effnet_lite0/1 = EfficientNet-Lite "
         "encoder (use --init imagenet)",
     )
-    g.add_argument("--iters", type=int, default=45_000, help="iterations (paper 45,000)")
-    g.add_argument("--batch-size", type=int, default=12, help="global batch (paper 12)")
-    g.add_argument("--crop", type=int, default=224, help="crop size (paper 224)")
-    g.add_argument("--lr", type=float, default=2.25e-4, help="Adam learning rate")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--iters", type=positive_int, default=45_000, help="iterations (paper 45,000)")
+    g.add_argument("--batch-size", type=positive_int, default=12, help="global batch (paper 12)")
+    g.add_argument("--crop", type=positive_int, default=224, help="crop size (paper 224)")
+    g.add_argument("--lr", type=positive_float, default=2.25e-4, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
     g.add_argument(
         "--milestones",
-        type=_ints,
+        type=int_list,
         default=None,
         help="lr x0.1 iterations, e.g. '22500,37500' (default: the paper's, scaled to --iters)",
     )
     g.add_argument(
         "--loss-weights",
-        type=_floats,
+        type=float_list,
         default=(1.0, 0.5, 0.5, 2.0),
         metavar="CE,L1,L2,GRAD",
         help="loss term weights",
@@ -160,14 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from OUTPUT/last.pth (or the given file)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    g.add_argument("--num-workers", type=int, default=2, help="data loader workers per process")
-    g.add_argument("--log-every", type=int, default=20)
-    g.add_argument("--val-every", type=int, default=2000, help="0 = validate at the end only")
-    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument("--threads", type=positive_int, default=None, help="torch threads per process")
+    g.add_argument(
+        "--num-workers", type=non_negative_int, default=2, help="data loader workers per process"
+    )
+    g.add_argument("--log-every", type=positive_int, default=20)
+    g.add_argument(
+        "--val-every", type=non_negative_int, default=2000, help="0 = validate at the end only"
+    )
+    g.add_argument("--ckpt-every", type=positive_int, default=1000)
     g.add_argument(
         "--val-scales",
-        type=_floats,
+        type=float_list,
         default=(0.125, 0.25, 0.5, 1.0),
         help="refinement scales used by validation (fewer = cheaper)",
     )
@@ -227,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_samples = []
     if rank == 0 and args.val_fraction > 0:
         val_samples = make_val_samples(
-            val_sources, seed=args.seed, max_per_source=args.val_max_per_source,
+            val_sources,
+            seed=args.seed,
+            max_per_source=args.val_max_per_source,
             kinds=args.val_coarse.split("+"),
         )
     if rank == 0:

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
-__all__ = ["non_negative_float", "non_negative_int", "positive_float", "positive_int",
-           "probability"]
+__all__ = [
+    "float_list",
+    "float_range",
+    "int_list",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "probability",
+]
 
 
 def _number(text: str, kind: type) -> float | int:
@@ -21,41 +30,56 @@ def _number(text: str, kind: type) -> float | int:
     return value
 
 
+def _checked(text: str, kind: type, ok: Callable[[float], bool], what: str) -> float | int:
+    """``text`` as a ``kind`` for which ``ok`` holds, else ``must be WHAT, got TEXT``."""
+    value = _number(text, kind)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+    return _checked(text, float, lambda v: v > 0, "a number > 0")
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+    return _checked(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def probability(text: str) -> float:
     """A number in [0, 1]."""
-    value = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+    return _checked(text, float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def _numbers(text: str, kind: type) -> tuple:
+    return tuple(_number(v, kind) for v in text.replace(",", " ").split())
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """Finite numbers separated by commas or spaces: ``"0.5,1"`` -> ``(0.5, 1.0)``."""
+    return _numbers(text, float)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """Integers separated by commas or spaces: ``"22500,37500"`` -> ``(22500, 37500)``."""
+    return _numbers(text, int)
+
+
+def float_range(text: str) -> tuple[float, float]:
+    """``LO,HI`` with ``0 < LO <= HI``."""
+    values = _numbers(text, float)
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI, got {text!r}")
+    return values
