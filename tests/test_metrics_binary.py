@@ -221,3 +221,55 @@ def test_empty_coarse_rule_threshold():
     assert apply_empty_coarse_rule(coarse, refined) is refined
     with pytest.raises(ValueError):
         apply_empty_coarse_rule(coarse.astype(bool), refined)
+
+
+# ---------------------------------------------------------------- the one set aggregator
+
+
+def test_one_aggregator_and_nan_rule_for_every_set_summary():
+    """BinaryMetrics, crm-eval's object and BIG summaries and the training validation's rule
+    agree: a constant ground truth (undefined mBA) is left out of the set's mBA and counted."""
+    import dataclasses
+
+    from crm_d2.evaluation.aggregate import summarize_objects
+    from crm_d2.evaluation.binary import object_scores
+    from crm_d2.tool.report import big_summary, object_summary
+
+    gt = [square(20, 20, 40), square(10, 10, 30), np.ones((100, 100), bool)]
+    pred = [square(20, 21, 40), square(10, 10, 30), square(0, 0, 90)]
+    coarse = [square(22, 20, 40), square(12, 12, 30), square(0, 0, 80)]
+    metrics = BinaryMetrics()
+    for p, g, c in zip(pred, gt, coarse):
+        metrics.update(p, g, coarse=c)
+    s = metrics.summary()
+    after = [object_scores(p, g) for p, g in zip(pred, gt)]
+    assert math.isnan(after[2].mba)
+    assert s["mba"] == pytest.approx((after[0].mba + after[1].mba) / 2, abs=1e-15)
+    assert s["mba_undefined"] == 1 and s["coarse_mba_undefined"] == 1
+    inter = sum(a.intersection for a in after)
+    union = sum(a.union for a in after)
+    assert s["iou"] == inter / union
+
+    def as_json(scores):
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in dataclasses.asdict(scores).items()}
+
+    before = [object_scores(c, g) for c, g in zip(coarse, gt)]
+    objects = [{"before": as_json(b), "after": as_json(a), "refined": True}
+               for b, a in zip(before, after)]
+    summary = object_summary(objects)
+    for key in ("iou", "mean_iou", "mba", "boundary_iou"):
+        assert summary["after"][key] == s[key], key
+        assert summary["before"][key] == s["coarse_" + key], key
+    assert summary["mba_undefined"] == 1
+    assert big_summary(objects) == s
+    assert summarize_objects(after) == {k: v for k, v in s.items() if not k.startswith(
+        ("coarse_", "worse"))}
+
+    empty = summarize_objects([])
+    assert all(math.isnan(empty[k]) for k in ("iou", "mean_iou", "mba", "boundary_iou"))
+    assert empty["num_objects"] == 0
+    # Every object with a constant ground truth: no defined mBA, the set's mBA is NaN.
+    flat = BinaryMetrics()
+    flat.update(np.ones((10, 10), bool), np.ones((10, 10), bool))
+    assert math.isnan(flat.summary()["mba"]) and flat.summary()["iou"] == 1.0
