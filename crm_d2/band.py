@@ -33,8 +33,9 @@ def boundary_band(mask: torch.Tensor, width: int) -> torch.Tensor:
     which pixels the sparse decoder evaluates. They are not interchangeable.
     """
     if mask.ndim != 3 or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a (B, H, W) bool tensor, got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be a (B, H, W) bool tensor, got {mask.dtype} {tuple(mask.shape)}"
+        )
     if int(width) < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     k = 2 * int(width) + 1
@@ -56,7 +57,8 @@ def restrict_to_band(coarse: torch.Tensor, refined: torch.Tensor, width: int) ->
         (B, H, W) probabilities.
     """
     if coarse.shape != refined.shape:
-        raise ValueError(f"coarse {tuple(coarse.shape)} and refined {tuple(refined.shape)} "
-                         "differ in shape")
+        raise ValueError(
+            f"coarse {tuple(coarse.shape)} and refined {tuple(refined.shape)} differ in shape"
+        )
     band = boundary_band(coarse > 0.5, width)
     return torch.where(band, refined, coarse.to(refined.dtype))

@@ -95,8 +95,9 @@ def test_every_mask_reader_reads_a_palette_mask_like_its_gray_twin(tmp_path):
             "training pairs": ImageMaskPairs([paths[kind]]).load(0)[1],
             "training sample gt": sample["gt"].numpy(),
             "training sample coarse": sample["coarse"].numpy(),
-            "crm-eval overlays": np.stack(big_masks({"coarse_png": mask_path,
-                                                     "refined_png": mask_path}, {})),
+            "crm-eval overlays": np.stack(
+                big_masks({"coarse_png": mask_path, "refined_png": mask_path}, {})
+            ),
             "benchmark demo": bench["_demo"](str(tmp_path / kind), (W // 2, H // 2))[1],
         }
 
@@ -184,11 +185,28 @@ def test_crm_refine_reads_exif_photos_and_palette_masks(tmp_path, tiny_weights):
     np.testing.assert_array_equal(read_image(tmp_path / "phone.png"), upright)
     paths = _twins(tmp_path)
     outs = {}
-    for name, image, mask in (("ref", "upright.png", paths["gray"]),
-                              ("phone", "phone.png", paths["pal"])):
+    for name, image, mask in (
+        ("ref", "upright.png", paths["gray"]),
+        ("phone", "phone.png", paths["pal"]),
+    ):
         out = tmp_path / f"{name}_out.png"
-        assert refine_cli.main([str(tmp_path / image), mask, "-o", str(out), "--weights",
-                                tiny_weights, "--scales", "0.5", "1", "--quiet"]) == 0
+        assert (
+            refine_cli.main(
+                [
+                    str(tmp_path / image),
+                    mask,
+                    "-o",
+                    str(out),
+                    "--weights",
+                    tiny_weights,
+                    "--scales",
+                    "0.5",
+                    "1",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         outs[name] = np.asarray(Image.open(out))
     np.testing.assert_array_equal(outs["phone"], outs["ref"])
 
@@ -207,9 +225,24 @@ def test_crm_eval_big_reads_palette_masks_like_their_gray_twins(tmp_path, tiny_w
                 Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"x_{name}.png")
             else:
                 _palette_png(folder / f"x_{name}.png", mask, index=3)
-        eval_cli.main(["--weights", tiny_weights, "--big", str(folder), "--output",
-                       str(tmp_path / f"out_{kind}"), "--min-area", "0", "--overlays", "0",
-                       "--scales", "0.5", "1", "--quiet"])
+        eval_cli.main(
+            [
+                "--weights",
+                tiny_weights,
+                "--big",
+                str(folder),
+                "--output",
+                str(tmp_path / f"out_{kind}"),
+                "--min-area",
+                "0",
+                "--overlays",
+                "0",
+                "--scales",
+                "0.5",
+                "1",
+                "--quiet",
+            ]
+        )
         with open(tmp_path / f"out_{kind}" / "report.json", encoding="utf-8") as f:
             reports[kind] = json.load(f)
     assert reports["palette"]["before"] == reports["gray"]["before"]

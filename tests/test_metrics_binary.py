@@ -251,20 +251,24 @@ def test_one_aggregator_and_nan_rule_for_every_set_summary():
     assert s["iou"] == inter / union
 
     def as_json(scores):
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in dataclasses.asdict(scores).items()}
+        return {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in dataclasses.asdict(scores).items()
+        }
 
     before = [object_scores(c, g) for c, g in zip(coarse, gt)]
-    objects = [{"before": as_json(b), "after": as_json(a), "refined": True}
-               for b, a in zip(before, after)]
+    objects = [
+        {"before": as_json(b), "after": as_json(a), "refined": True} for b, a in zip(before, after)
+    ]
     summary = object_summary(objects)
     for key in ("iou", "mean_iou", "mba", "boundary_iou"):
         assert summary["after"][key] == s[key], key
         assert summary["before"][key] == s["coarse_" + key], key
     assert summary["mba_undefined"] == 1
     assert big_summary(objects) == s
-    assert summarize_objects(after) == {k: v for k, v in s.items() if not k.startswith(
-        ("coarse_", "worse"))}
+    assert summarize_objects(after) == {
+        k: v for k, v in s.items() if not k.startswith(("coarse_", "worse"))
+    }
 
     empty = summarize_objects([])
     assert all(math.isnan(empty[k]) for k in ("iou", "mean_iou", "mba", "boundary_iou"))

@@ -175,12 +175,11 @@ class _Run:
                 logger.warning("amp=%s needs CUDA; training in float32 on %s", self.amp, device)
             self.amp = "none"
         objs = build_training_objects(cfg, device, self.amp, info.rank, self.main)
-        self.net, self.optimizer = objs.model, objs.optimizer
-        self.scheduler, self.scaler, self.init_report = (
-            objs.scheduler,
-            objs.scaler,
-            objs.init_report,
-        )
+        self.net = objs.model
+        self.optimizer = objs.optimizer
+        self.scheduler = objs.scheduler
+        self.scaler = objs.scaler
+        self.init_report = objs.init_report
 
         self.start_iter, self.wall_before, best = 0, 0.0, None
         resume_path = cfg.resume
@@ -199,11 +198,9 @@ class _Run:
                 info,
                 device,
             )
-            self.start_iter, self.wall_before, best = (
-                resumed.iteration,
-                resumed.wall_time_s,
-                resumed.best,
-            )
+            self.start_iter = resumed.iteration
+            self.wall_before = resumed.wall_time_s
+            best = resumed.best
         self.validator = Validator(
             val_samples,
             device,
