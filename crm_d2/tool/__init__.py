@@ -5,13 +5,18 @@ No detectron2 needed. Entry points: :func:`run_evaluation` (library) and
 """
 
 from .coarse import CoarseSpec
+from .formats import BigFormat, EvalFormat, InstancesFormat, PanopticFormat
 from .refine import RefineSettings, refine_masks
 from .runner import DistInfo, EvalConfig, init_distributed, run_evaluation
 
 __all__ = [
+    "BigFormat",
     "CoarseSpec",
     "DistInfo",
     "EvalConfig",
+    "EvalFormat",
+    "InstancesFormat",
+    "PanopticFormat",
     "RefineSettings",
     "init_distributed",
     "refine_masks",
