@@ -133,3 +133,18 @@ def test_each_format_refuses_the_options_it_cannot_use():
     assert (as_pan.settings_name, as_pan.kind) == ("instances (as panoptic)", "panoptic")
     with pytest.raises(RuntimeError, match="call open"):
         as_pan.validate([])
+
+
+def test_cli_refuses_options_of_another_layout(tmp_path):
+    out = str(tmp_path / "out")
+    for extra, message in (
+        (["--big", "b", "--images", "im"], "--images: not an option of this input layout"),
+        (["--coco-instances", "g", "--images", "im", "--panoptic-dir", "p"], "--panoptic-dir"),
+        (["--big", "b", "--as-panoptic"], "BIG layout brings its own coarse masks"),
+        (
+            ["--coco-panoptic", "g", "--images", "im", "--panoptic-dir", "p", "--as-panoptic"],
+            "--as-panoptic converts a COCO instance set",
+        ),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["--output", out, *extra])
