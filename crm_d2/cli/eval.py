@@ -72,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CRM input scales, coarse to fine (default: the checkpoint's)",
     )
-    w.add_argument(
-        "--chunk-size", type=positive_int, default=None, help="decoder queries per call"
-    )
+    w.add_argument("--chunk-size", type=positive_int, default=None, help="decoder queries per call")
 
     i = p.add_argument_group("input (one of --coco-instances, --coco-panoptic, --big)")
     mode = i.add_mutually_exclusive_group(required=True)
@@ -131,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="segments of at most this many pixels are kept unchanged",
     )
-    r.add_argument(
-        "--batch-size", type=positive_int, default=8, help="same-size ROIs per CRM call"
-    )
+    r.add_argument("--batch-size", type=positive_int, default=8, help="same-size ROIs per CRM call")
     r.add_argument(
         "--size-multiple",
         type=positive_int,
@@ -169,24 +165,59 @@ def _fail(message: str) -> SystemExit:
     return SystemExit(f"crm-eval: {message}")
 
 
-def _config(args: argparse.Namespace):
-    from crm_d2.segments import ROIOptions
-    from crm_d2.tool import CoarseSpec, EvalConfig, RefineSettings
+def _inputs(args: argparse.Namespace):
+    """The input format of the options (the one place that chooses it)."""
+    from crm_d2.tool.formats import BigFormat, InstancesFormat, PanopticFormat
 
-    mode = "instances" if args.coco_instances else "panoptic" if args.coco_panoptic else "big"
-    if mode != "big" and not args.images:
+    if not args.big and not args.images:
         raise _fail("--images DIR is needed with --coco-instances / --coco-panoptic")
-    if mode == "panoptic" and not args.panoptic_dir:
+    if args.coco_panoptic and not args.panoptic_dir:
         raise _fail("--panoptic-dir DIR (the ground-truth PNGs) is needed with --coco-panoptic")
-    if mode != "panoptic" and (args.pred_json or args.pred_dir):
+    if not args.coco_panoptic and (args.pred_json or args.pred_dir):
         raise _fail(
             "--pred-json/--pred-dir are panoptic predictions: use --predictions with "
             "--coco-instances"
         )
-    if mode != "instances" and args.predictions:
+    if not args.coco_instances and args.predictions:
         raise _fail(
             "--predictions is for --coco-instances (use --pred-json/--pred-dir for panoptic)"
         )
+    unused = [
+        k
+        for k, v, used in (
+            ("--images", args.images, not args.big),
+            ("--panoptic-dir", args.panoptic_dir, args.coco_panoptic),
+        )
+        if v and not used
+    ]
+    if unused:
+        raise _fail(f"{', '.join(unused)}: not an option of this input layout")
+    if args.big:
+        if args.as_panoptic:  # --coarse-from-gt is refused by BigFormat.check
+            raise _fail(
+                "the BIG layout brings its own coarse masks: no --coarse-from-gt or --as-panoptic"
+            )
+        return BigFormat(args.big)
+    if args.coco_panoptic:
+        if args.as_panoptic:
+            raise _fail("--as-panoptic converts a COCO instance set: use it with --coco-instances")
+        return PanopticFormat(
+            images=args.images,
+            coco_panoptic=args.coco_panoptic,
+            panoptic_dir=args.panoptic_dir,
+            pred_json=args.pred_json,
+            pred_dir=args.pred_dir,
+        )
+    if args.as_panoptic:
+        return PanopticFormat.from_instances(args.coco_instances, args.images, args.predictions)
+    return InstancesFormat(args.coco_instances, args.images, args.predictions)
+
+
+def _config(args: argparse.Namespace):
+    from crm_d2.segments import ROIOptions
+    from crm_d2.tool import CoarseSpec, EvalConfig, RefineSettings
+
+    inputs = _inputs(args)
     try:
         coarse = (
             CoarseSpec.parse(args.coarse_from_gt, seed=args.seed) if args.coarse_from_gt else None
@@ -202,18 +233,9 @@ def _config(args: argparse.Namespace):
         )
         return EvalConfig(
             output=args.output,
-            mode=mode,
-            images=args.images,
-            coco_instances=args.coco_instances,
-            predictions=args.predictions,
-            coco_panoptic=args.coco_panoptic,
-            panoptic_dir=args.panoptic_dir,
-            pred_json=args.pred_json,
-            pred_dir=args.pred_dir,
-            big=args.big,
+            inputs=inputs,
             coarse=coarse,
             soft_coarse=args.soft_coarse,
-            as_panoptic=args.as_panoptic,
             limit=args.limit,
             settings=settings,
             overlays=args.overlays,
@@ -266,9 +288,16 @@ def _refiner(args: argparse.Namespace, device: str):
     if args.refiner == "guided_filter":
         from crm_d2.guided_filter import GuidedFilterRefiner
 
-        given = [k for k, v in (("--scales", args.scales), ("--chunk-size", args.chunk_size),
-                                ("--weights", args.weights),
-                                ("--random-weights", args.random_weights)) if v]
+        given = [
+            k
+            for k, v in (
+                ("--scales", args.scales),
+                ("--chunk-size", args.chunk_size),
+                ("--weights", args.weights),
+                ("--random-weights", args.random_weights),
+            )
+            if v
+        ]
         if given:
             raise _fail(f"{', '.join(given)}: not for --refiner guided_filter (no weights)")
         refiner = GuidedFilterRefiner(device=device)

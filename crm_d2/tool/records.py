@@ -1,11 +1,13 @@
 """The output folder of ``crm-eval`` and its per-image result cache.
 
-Every processed image leaves one small JSON record in ``OUTPUT/cache/`` (RLE masks, segment
-lists and per-object scores, never raw pixels), written atomically after the image's other
-outputs. A rerun skips images that have a record, so an interrupted run resumes where it
-stopped; in a distributed run every process writes the records of its own shard and rank 0
-reads them all. ``settings.json`` holds the settings that shape the results; a rerun with
-different settings is refused instead of mixing two experiments.
+Every processed image leaves one small JSON record in ``OUTPUT/cache/`` (an
+:class:`ImageRecord`: RLE masks, segment lists and per-object scores, never raw pixels),
+written atomically after the image's other outputs. A rerun skips images that have a record,
+so an interrupted run resumes where it stopped; in a distributed run every process writes the
+records of its own shard and rank 0 reads them all. ``settings.json`` holds the settings that
+shape the results; a rerun with different settings is refused instead of mixing two
+experiments, and a record that cannot be read (damaged, another version's fields) is refused
+with the fix (:class:`RecordError`).
 
 Layout::
 
@@ -26,16 +28,177 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from .. import io
+from ..evaluation.binary import ObjectScores
 
-__all__ = ["OutputLayout", "RecordStore", "SettingsMismatch", "write_json"]
+__all__ = [
+    "ImageRecord",
+    "ObjectRecord",
+    "OutputLayout",
+    "RecordError",
+    "RecordStore",
+    "SettingsMismatch",
+    "write_json",
+]
 
 
 class SettingsMismatch(ValueError):
     """The output folder holds results made with other settings."""
+
+
+class RecordError(ValueError):
+    """A cached per-image record cannot be read (damaged, or written by another version)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The per-image record
+# --------------------------------------------------------------------------------------------
+def _scores_from_json(d: Mapping[str, Any]) -> ObjectScores:
+    """Scores as stored (strict JSON: an undefined value, e.g. mBA, is null) -> NaN."""
+    return ObjectScores(**{k: (math.nan if v is None else v) for k, v in d.items()})
+
+
+@dataclass
+class ObjectRecord:
+    """One prediction paired with a ground-truth object, scored before and after refinement.
+
+    Attributes:
+        index: the prediction's index in its image (instances: position in the image's
+            results; panoptic: segment id; BIG: 0).
+        gt: the paired ground truth (annotation id, panoptic segment id, or the BIG name).
+        category_id: the prediction's category (None for BIG).
+        refined: whether the refiner changed it (False: too small, or kept by a rule).
+        crop: overlay crop ``[x0, y0, x1, y1]`` in image pixels.
+        before, after: scores of the coarse and the refined mask against ``gt``.
+    """
+
+    index: int
+    gt: Any
+    category_id: int | None
+    refined: bool
+    crop: list[int]
+    before: ObjectScores
+    after: ObjectScores
+
+    @property
+    def iou_change(self) -> float:
+        """IoU after minus IoU before."""
+        return self.after.iou - self.before.iou
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "gt": self.gt,
+            "category_id": self.category_id,
+            "refined": self.refined,
+            "crop": list(self.crop),
+            "before": asdict(self.before),
+            "after": asdict(self.after),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ObjectRecord:
+        return cls(
+            index=d["index"],
+            gt=d["gt"],
+            category_id=d["category_id"],
+            refined=bool(d["refined"]),
+            crop=list(d["crop"]),
+            before=_scores_from_json(d["before"]),
+            after=_scores_from_json(d["after"]),
+        )
+
+
+class Payload(Protocol):
+    """The input format's part of a record, stored flat beside the common fields."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+P = TypeVar("P", bound=Payload)
+
+
+@dataclass
+class ImageRecord(Generic[P]):
+    """What processing one image left for the evaluation (stored as ``cache/<key>.json``).
+
+    Attributes:
+        key, image_id, file_name: the image (:class:`~.datasets.ImageItem`).
+        height, width: its size in pixels.
+        segments: predicted segments (instances, panoptic segments, or 1 for BIG).
+        refined: segments the refiner changed.
+        objects: the predictions paired with a ground truth, scored.
+        payload: the input format's part (COCO results, panoptic annotations, PNG paths).
+        vanished: ground-truth objects whose coarse mask came out empty (coarse from GT).
+        seconds: processing time of the image.
+        rank: the process that made it (distributed runs).
+    """
+
+    key: str
+    image_id: int | str
+    file_name: str
+    height: int
+    width: int
+    segments: int
+    refined: int
+    objects: list[ObjectRecord]
+    payload: P
+    vanished: int = 0
+    seconds: float = 0.0
+    rank: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form: common fields and the payload's fields in one flat object."""
+        out: dict[str, Any] = {
+            "key": self.key,
+            "image_id": self.image_id,
+            "file_name": self.file_name,
+            "height": self.height,
+            "width": self.width,
+            "segments": self.segments,
+            "refined": self.refined,
+            "vanished": self.vanished,
+            "objects": [o.to_json() for o in self.objects],
+            "seconds": self.seconds,
+            "rank": self.rank,
+        }
+        payload = self.payload.to_json()
+        clash = set(out) & set(payload)
+        if clash:
+            raise ValueError(f"payload fields {sorted(clash)} clash with the record's own")
+        return {**out, **payload}
+
+    @classmethod
+    def from_json(
+        cls, d: Mapping[str, Any], payload: Callable[[Mapping[str, Any]], P]
+    ) -> ImageRecord[P]:
+        """Read a stored record (also the plain dicts of the per-image functions).
+
+        Args:
+            d: the stored object.
+            payload: reads the format's fields from ``d`` (the payload class's ``from_json``).
+
+        Raises:
+            KeyError, TypeError, ValueError: a field is missing or malformed.
+        """
+        return cls(
+            key=d["key"],
+            image_id=d["image_id"],
+            file_name=d["file_name"],
+            height=int(d["height"]),
+            width=int(d["width"]),
+            segments=int(d["segments"]),
+            refined=int(d.get("refined", 0)),
+            objects=[ObjectRecord.from_json(o) for o in d["objects"]],
+            payload=payload(d),
+            vanished=int(d.get("vanished", 0)),
+            seconds=float(d.get("seconds", 0.0)),
+            rank=int(d.get("rank", 0)),
+        )
 
 
 def _finite(obj: Any) -> Any:
@@ -88,12 +251,27 @@ class RecordStore:
     def has(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
-    def write(self, key: str, record: dict) -> None:
-        write_json(self._path(key), record)
+    def write(self, record: ImageRecord) -> None:
+        """Store ``record`` as ``cache/<record.key>.json`` (atomically)."""
+        write_json(self._path(record.key), record.to_json())
 
-    def read(self, key: str) -> dict:
-        with open(self._path(key), encoding="utf-8") as f:
-            return json.load(f)
+    def read(self, key: str, payload: Callable[[Mapping[str, Any]], P]) -> ImageRecord[P]:
+        """The record of image ``key``; ``payload`` reads the input format's fields.
+
+        Raises:
+            RecordError: the file is not a record of this input format (damaged, or written by
+                a crm-eval version with other record fields).
+        """
+        path = self._path(key)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return ImageRecord.from_json(json.load(f), payload)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordError(
+                f"cached record {path} cannot be read ({type(e).__name__}: {e}); it is damaged "
+                "or was written by another crm-eval version. Use another --output, or "
+                "--overwrite to discard the cached records"
+            ) from e
 
     def clear(self) -> int:
         """Delete every record and the settings (``--overwrite``); returns the record count."""

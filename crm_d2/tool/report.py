@@ -1,19 +1,15 @@
 """Metrics before and after refinement, the report files and the before/after pictures.
 
-Everything here reads the per-image records of :mod:`.records` (one at a time, keeping only
-RLE results, segment lists and per-object numbers) and runs on rank 0 after all images are done.
+Everything here works on the per-image records of :mod:`.records` and runs on rank 0 after
+all images are done. The metrics of each input layout belong to its format
+(:mod:`.formats`); here are the parts every layout shares:
 
-Metrics by input layout:
-
-* instances: COCO mask AP and Boundary AP, class-aware and class-agnostic
-  (:func:`crm_d2.evaluation.coco_mask_ap`), on the processed images only;
-* panoptic: PQ / SQ / RQ (All, Things, Stuff) and Boundary PQ
-  (:func:`crm_d2.evaluation.pq_compute`, :func:`crm_d2.evaluation.boundary_pq`);
-* BIG: pooled IoU, mBA, Boundary IoU (:class:`crm_d2.evaluation.BinaryMetrics`, the official
-  evaluation's definitions);
-* every layout: per-object scores of the predictions paired with a ground truth (pooled and mean
-  IoU, mBA (mean over objects with a defined mBA), Boundary IoU) and the share of objects whose
-  IoU went down / up.
+* per-object scores of the predictions paired with a ground truth (:func:`object_summary`:
+  pooled and mean IoU, mBA (mean over objects with a defined mBA), Boundary IoU) and the share
+  of objects whose IoU went down / up;
+* the BIG set metrics (:func:`big_summary`, :class:`crm_d2.evaluation.BinaryMetrics`, the
+  official evaluation's definitions);
+* the table, the before/after pictures and the report files.
 
 Both set summaries come from :func:`crm_d2.evaluation.aggregate.summarize_objects` (one NaN rule).
 """
@@ -23,28 +19,28 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
 from ..evaluation.aggregate import summarize_objects
-from ..evaluation.binary import BinaryMetrics, ObjectScores
-from ..evaluation.coco import coco_mask_ap
-from ..evaluation.panoptic import boundary_pq, pq_compute, read_panoptic_png
-from ..io import read_image, read_mask, save_image, write_text
+from ..evaluation.binary import BinaryMetrics
+from ..io import read_image, save_image, write_text
 from ..visualize import before_after
-from .datasets import ImageItem, decode_segmentation
-from .records import OutputLayout, RecordStore, write_json
+from .datasets import ImageItem
+from .records import ImageRecord, ObjectRecord, OutputLayout, write_json
 
 __all__ = [
+    "big_summary",
     "format_table",
-    "instance_metrics",
+    "object_rows",
     "object_summary",
-    "panoptic_metrics",
     "select_overlays",
     "write_markdown",
+    "write_overlays",
+    "write_report_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,74 +52,11 @@ RANDOM_WEIGHTS_WARNING = (
     "speed and plumbing only; as refinement results they are MEANINGLESS."
 )
 
-_AP_RUNS = (
-    ("segm", False, "segm", "mask AP"),
-    ("boundary", False, "boundary", "Boundary AP"),
-    ("segm_agnostic", True, "segm", "mask AP (class-agnostic)"),
-    ("boundary_agnostic", True, "boundary", "Boundary AP (class-agnostic)"),
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
-def instance_metrics(gt: dict, results: Sequence[dict], label: str = "") -> dict[str, float]:
-    """Mask AP and Boundary AP, class-aware and class-agnostic, keys ``"<run>/<AP key>"``
-    (``segm``, ``boundary``, ``segm_agnostic``, ``boundary_agnostic``), in percent. ``label``
-    names the predictions in the logs (``"before (coarse)"``, ``"after (refined)"``)."""
-    out: dict[str, float] = {}
-    for name, agnostic, iou_type, _ in _AP_RUNS:
-        for key, value in coco_mask_ap(
-            gt, results, class_agnostic=agnostic, iou_type=iou_type, label=label
-        ).items():
-            out[f"{name}/{key}"] = value
-    return out
-
-
-def instance_rows(before: dict, after: dict) -> list[Row]:
-    rows = []
-    for name, _, _, label in _AP_RUNS:
-        keys = ("AP", "AP50", "AP75") if name == "segm" else ("AP",)
-        for key in keys:
-            suffix = "" if key == "AP" else key[2:]
-            text = label.replace("AP", f"AP{suffix}", 1)
-            rows.append((text, before[f"{name}/{key}"], after[f"{name}/{key}"]))
-    return rows
-
-
-def panoptic_metrics(
-    gt_json: Any, gt_dir: str, pred_json: Any, pred_dir: str, label: str = ""
-) -> dict[str, float]:
-    """PQ / SQ / RQ and Boundary PQ, keys ``"pq/<All|Things|Stuff>/<pq|sq|rq>"`` and
-    ``"bpq/..."``, in percent; per-class values are left out. ``label`` names the predictions
-    in the logs."""
-    out: dict[str, float] = {}
-    for prefix, fn in (("pq", pq_compute), ("bpq", boundary_pq)):
-        res = fn(gt_json, gt_dir, pred_json, pred_dir, label=label)
-        for split in ("All", "Things", "Stuff"):
-            for key in ("pq", "sq", "rq"):
-                out[f"{prefix}/{split}/{key}"] = 100 * res[split][key]
-            out[f"{prefix}/{split}/n"] = res[split]["n"]
-    return out
-
-
-def panoptic_rows(before: dict, after: dict) -> list[Row]:
-    rows = []
-    for split in ("All", "Things", "Stuff"):
-        for key in ("pq", "sq", "rq"):
-            name = f"pq/{split}/{key}"
-            rows.append((f"{key.upper()} {split}", before[name], after[name]))
-    for split in ("All", "Things", "Stuff"):
-        name = f"bpq/{split}/pq"
-        rows.append((f"Boundary PQ {split}", before[name], after[name]))
-    return rows
-
-
-def _scores(d: dict) -> ObjectScores:
-    return ObjectScores(**{k: (math.nan if v is None else v) for k, v in d.items()})
-
-
-def object_summary(objects: Sequence[dict]) -> dict[str, float]:
+def object_summary(objects: Sequence[ObjectRecord]) -> dict[str, float]:
     """Per-object before/after summary of paired predictions.
 
     Returns:
@@ -134,11 +67,11 @@ def object_summary(objects: Sequence[dict]) -> dict[str, float]:
     """
     out: dict[str, Any] = {"count": len(objects)}
     for side in ("before", "after"):
-        summary = summarize_objects([_scores(o[side]) for o in objects])
+        summary = summarize_objects([getattr(o, side) for o in objects])
         out[side] = {k: summary[k] for k in ("iou", "mean_iou", "mba", "boundary_iou")}
         out["mba_undefined"] = int(summary["mba_undefined"])
     deltas = [_delta(o) for o in objects]
-    refined = [d for d, o in zip(deltas, objects) if o["refined"]]
+    refined = [d for d, o in zip(deltas, objects) if o.refined]
     n = len(objects)
     out["refined"] = len(refined)
     out["worse"] = sum(d < 0 for d in deltas)
@@ -151,15 +84,16 @@ def object_summary(objects: Sequence[dict]) -> dict[str, float]:
     return out
 
 
-def big_summary(objects: Sequence[dict]) -> dict[str, float]:
+def big_summary(objects: Sequence[ObjectRecord]) -> dict[str, float]:
     """BIG metrics of the official evaluation (pooled IoU, mBA, Boundary IoU) before/after."""
     metrics = BinaryMetrics()
-    metrics.refined = [_scores(o["after"]) for o in objects]
-    metrics.coarse = [_scores(o["before"]) for o in objects]
+    metrics.refined = [o.after for o in objects]
+    metrics.coarse = [o.before for o in objects]
     return metrics.summary()
 
 
 def object_rows(summary: dict) -> list[Row]:
+    """Table rows of :func:`object_summary` (fractions) in percent."""
     b, a = summary["before"], summary["after"]
     return [
         ("object IoU (pooled)", 100 * b["iou"], 100 * a["iou"]),
@@ -169,17 +103,8 @@ def object_rows(summary: dict) -> list[Row]:
     ]
 
 
-def big_rows(summary: dict) -> list[Row]:
-    return [
-        ("IoU (pooled)", 100 * summary["coarse_iou"], 100 * summary["iou"]),
-        ("mBA", 100 * summary["coarse_mba"], 100 * summary["mba"]),
-        ("Boundary IoU", 100 * summary["coarse_boundary_iou"], 100 * summary["boundary_iou"]),
-        ("IoU (mean per image)", 100 * summary["coarse_mean_iou"], 100 * summary["mean_iou"]),
-    ]
-
-
-def _delta(obj: dict) -> float:
-    return obj["after"]["iou"] - obj["before"]["iou"]
+def _delta(obj: ObjectRecord) -> float:
+    return obj.iou_change
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +142,9 @@ def format_table(rows: Sequence[Row]) -> str:
 # --------------------------------------------------------------------------------------------
 # Overlays
 # --------------------------------------------------------------------------------------------
-def select_overlays(objects: Iterable[tuple[str, dict]], n: int) -> list[tuple[str, str, dict]]:
+def select_overlays(
+    objects: Iterable[tuple[str, ObjectRecord]], n: int
+) -> list[tuple[str, str, ObjectRecord]]:
     """The ``n`` most improved and ``n`` most degraded objects by IoU change.
 
     Args:
@@ -236,7 +163,7 @@ def select_overlays(objects: Iterable[tuple[str, dict]], n: int) -> list[tuple[s
     return [("improved", k, o) for k, o in gains[:n]] + [("degraded", k, o) for k, o in losses[:n]]
 
 
-MaskLoader = Callable[[dict, dict], tuple[np.ndarray, np.ndarray]]
+MaskLoader = Callable[[ImageRecord, ObjectRecord], tuple[np.ndarray, np.ndarray]]
 
 OVERLAY_MIN_SIDE = 320  # small crops are enlarged to this longer side so that they stay legible
 
@@ -258,36 +185,22 @@ def _enlarge(
     return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), grow(coarse), grow(refined)
 
 
-def instance_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(coarse, refined) (H, W) bool masks of one object of an instance record."""
-    h, w, i = record["height"], record["width"], obj["index"]
-    return (
-        decode_segmentation(record["coarse_results"][i]["segmentation"], h, w),
-        decode_segmentation(record["refined_results"][i]["segmentation"], h, w),
-    )
-
-
-def panoptic_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
-    sid = obj["index"]
-    return (
-        read_panoptic_png(record["coarse_png"]) == sid,
-        read_panoptic_png(record["refined_png"]) == sid,
-    )
-
-
-def big_masks(record: dict, obj: dict) -> tuple[np.ndarray, np.ndarray]:
-    return read_mask(record["coarse_png"]) > 128, read_mask(record["refined_png"]) > 128
-
-
 def write_overlays(
-    chosen: Sequence[tuple[str, str, dict]],
-    items: dict[str, ImageItem],
-    store: RecordStore,
+    chosen: Sequence[tuple[str, str, ObjectRecord]],
+    items: Mapping[str, ImageItem],
+    records: Mapping[str, ImageRecord],
     layout: OutputLayout,
     masks_of: MaskLoader,
     max_side: int = 800,
 ) -> list[dict]:
     """Write one before/after picture per chosen object into ``OUTPUT/overlays``.
+
+    Args:
+        chosen: (kind, image key, object) of :func:`select_overlays`.
+        items, records: the images and their records by key.
+        layout: the output folder.
+        masks_of: (coarse, refined) masks of an object (its format's :meth:`masks`).
+        max_side: longer side of a picture.
 
     Returns:
         One entry per picture: ``kind``, ``file`` (relative to the output folder),
@@ -300,25 +213,25 @@ def write_overlays(
     counters = {"improved": 0, "degraded": 0}
     for kind, key, obj in chosen:
         counters[kind] += 1
-        record = store.read(key)
+        record = records[key]
         image = read_image(items[key].image_path)
         coarse, refined = masks_of(record, obj)
-        x0, y0, x1, y1 = obj["crop"]
-        before, after = obj["before"]["iou"], obj["after"]["iou"]
+        x0, y0, x1, y1 = obj.crop
+        before, after = obj.before.iou, obj.after.iou
         crops = _enlarge(image[y0:y1, x0:x1], coarse[y0:y1, x0:x1], refined[y0:y1, x0:x1])
         pic = before_after(
             *crops,
             max_side=max_side,
             labels=(f"coarse IoU {before:.3f}", f"refined IoU {after:.3f}"),
         )
-        name = f"{kind}_{counters[kind]:02d}_{key}_{obj['index']}.jpg"
+        name = f"{kind}_{counters[kind]:02d}_{key}_{obj.index}.jpg"
         save_image(os.path.join(folder, name), pic, quality=90)
         out.append(
             {
                 "kind": kind,
                 "file": f"overlays/{name}",
-                "image_id": record["image_id"],
-                "index": obj["index"],
+                "image_id": record.image_id,
+                "index": obj.index,
                 "iou_before": before,
                 "iou_after": after,
             }
@@ -401,4 +314,5 @@ def write_markdown(path: str, report: dict, rows: Sequence[Row]) -> None:
 
 
 def write_report_json(path: str, report: dict) -> None:
+    """Write ``report`` as strict JSON (NaN -> null), indented."""
     write_json(path, report, indent=1)

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,26 +24,16 @@ from ..inference import CRMRefiner
 from ..io import image_size
 from ..memory import check_memory
 from ..refiners import Refiner
-from .as_panoptic import InstancesAsPanoptic
 from .coarse import CoarseSpec
-from .datasets import BigSet, CocoInstanceSet, CocoPanopticSet, ImageItem
-from .process import ProcessContext, process_big, process_instances, process_panoptic
-from .records import OutputLayout, RecordStore, write_json
+from .datasets import ImageItem
+from .formats import EvalFormat
+from .process import ProcessContext
+from .records import ImageRecord, OutputLayout, RecordStore
 from .refine import RefineSettings, reduced_size
 from .report import (
     RANDOM_WEIGHTS_WARNING,
-    big_masks,
-    big_rows,
-    big_summary,
     format_table,
-    instance_masks,
-    instance_metrics,
-    instance_rows,
-    object_rows,
     object_summary,
-    panoptic_masks,
-    panoptic_metrics,
-    panoptic_rows,
     select_overlays,
     write_markdown,
     write_overlays,
@@ -55,30 +45,30 @@ __all__ = ["DistInfo", "EvalConfig", "init_distributed", "run_evaluation"]
 logger = logging.getLogger(__name__)
 
 DIST_TIMEOUT = datetime.timedelta(hours=24)  # the barrier waits for the slowest shard
-BEFORE, AFTER = "before (coarse input)", "after (refined by CRM)"  # names in the logs
 
 
 @dataclass
 class EvalConfig:
     """Everything ``crm-eval`` was asked to do (see ``crm-eval --help``).
 
-    ``mode`` is ``"instances"``, ``"panoptic"`` or ``"big"``; the input fields of the other
-    modes stay None.
+    Attributes:
+        output: the output folder.
+        inputs: the input format with its paths (:mod:`.formats`).
+        coarse: coarse masks made from the ground truth (None: the input's predictions).
+        soft_coarse: give the refiner the soft coarse map (soft ``stride<K>`` kinds).
+        limit: only the first N images.
+        settings: ROI options, scales, downscaling.
+        overlays: before/after pictures of the N most improved and N most degraded objects.
+        overwrite: discard the cached records first.
+        quiet: no progress bar.
+        weights: how the refiner's weights are described in the report.
+        random_weights: the refiner is untrained (the report says so).
     """
 
     output: str
-    mode: str
-    images: str | None = None
-    coco_instances: str | None = None
-    predictions: str | None = None
-    coco_panoptic: str | None = None
-    panoptic_dir: str | None = None
-    pred_json: str | None = None
-    pred_dir: str | None = None
-    big: str | None = None
+    inputs: EvalFormat
     coarse: CoarseSpec | None = None
     soft_coarse: bool = False
-    as_panoptic: bool = False
     limit: int | None = None
     settings: RefineSettings = field(default_factory=RefineSettings)
     overlays: int = 8
@@ -88,31 +78,15 @@ class EvalConfig:
     random_weights: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in ("instances", "panoptic", "big"):
-            raise ValueError(f"mode must be instances, panoptic or big, got {self.mode!r}")
+        if not isinstance(self.inputs, EvalFormat):
+            raise TypeError(
+                f"inputs must be an EvalFormat (crm_d2.tool.formats), got {type(self.inputs)}"
+            )
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.overlays < 0:
             raise ValueError(f"overlays must be >= 0, got {self.overlays}")
-        if self.mode == "big" and (self.coarse is not None or self.as_panoptic):
-            raise ValueError(
-                "the BIG layout brings its own coarse masks: no --coarse-from-gt or --as-panoptic"
-            )
-        if self.mode == "instances" and (self.predictions is None) == (self.coarse is None):
-            raise ValueError(
-                "COCO instances need either --predictions RESULTS.json or "
-                "--coarse-from-gt SPEC (one of them)"
-            )
-        if self.mode == "panoptic":
-            if self.as_panoptic:
-                raise ValueError(
-                    "--as-panoptic converts a COCO instance set: use it with --coco-instances"
-                )
-            if (self.pred_json is None) == (self.coarse is None):
-                raise ValueError(
-                    "COCO panoptic needs either --pred-json/--pred-dir or "
-                    "--coarse-from-gt SPEC (one of them)"
-                )
+        self.inputs.check(self.coarse)
         if self.soft_coarse and (self.coarse is None or self.coarse.kind.binary):
             raise ValueError(
                 "--soft-coarse needs a soft --coarse-from-gt kind (stride<K>, e.g. stride8)"
@@ -121,45 +95,20 @@ class EvalConfig:
     def settings_record(self, refiner: Refiner) -> dict[str, Any]:
         """The settings that shape per-image results (stored with the cache)."""
         roi = self.settings.roi
-        paths = {
-            k: os.path.abspath(v) if v else None
-            for k, v in (
-                ("images", self.images),
-                ("coco_instances", self.coco_instances),
-                ("predictions", self.predictions),
-                ("coco_panoptic", self.coco_panoptic),
-                ("panoptic_dir", self.panoptic_dir),
-                ("pred_json", self.pred_json),
-                ("pred_dir", self.pred_dir),
-                ("big", self.big),
-            )
-        }
+        inputs = [p for p in self.inputs.inputs() if p.path]
+        paths = {p.name: os.path.abspath(p.path) for p in inputs}
         # What the files hold, not only their names: a changed ground truth, prediction or
         # weights file (or an image / PNG folder) invalidates the cached records.
-        stamps = {
-            f"{k}_sha256": _file_digest(v)
-            for k, v in (
-                ("weights", self.weights),
-                ("coco_instances", self.coco_instances),
-                ("coco_panoptic", self.coco_panoptic),
-                ("predictions", self.predictions),
-                ("pred_json", self.pred_json),
-            )
-            if v and os.path.isfile(v)
-        }
+        files = [("weights", self.weights)] + [(p.name, p.path) for p in inputs if not p.folder]
+        stamps = {f"{k}_sha256": _file_digest(v) for k, v in files if v and os.path.isfile(v)}
         stamps.update(
-            (f"{k}_listing", _folder_stamp(v))
-            for k, v in (
-                ("images", self.images),
-                ("panoptic_dir", self.panoptic_dir),
-                ("pred_dir", self.pred_dir),
-                ("big", self.big),
-            )
-            if v and os.path.isdir(v)
+            (f"{p.name}_listing", _folder_stamp(p.path))
+            for p in inputs
+            if p.folder and os.path.isdir(p.path)
         )
         return {
-            "mode": self.mode + (" (as panoptic)" if self.as_panoptic else ""),
-            **{k: v for k, v in paths.items() if v},
+            "mode": self.inputs.settings_name,
+            **paths,
             **stamps,
             "coarse": self.coarse.describe() if self.coarse else "given predictions",
             "soft_coarse": self.soft_coarse,
@@ -238,9 +187,14 @@ def check_dataset_memory(config: EvalConfig, items: list[ImageItem], refiner: Re
     scales = refiner.scales if config.settings.scales is None else config.settings.scales
     try:
         check_memory(
-            h, w, refiner.arch, scales, refiner.device,
+            h,
+            w,
+            refiner.arch,
+            scales,
+            refiner.device,
             what=f"image {largest.image_id!r} ({size[1]}x{size[0]}, the largest of the set"
-            + (f", refined at {w}x{h}" if (h, w) != size else "") + ")",
+            + (f", refined at {w}x{h}" if (h, w) != size else "")
+            + ")",
             helps="--max-side N refines large images at reduced size (outputs and metrics stay "
             "at full resolution); a coarser finest scale (--scales) also helps.",
         )
@@ -251,28 +205,8 @@ def check_dataset_memory(config: EvalConfig, items: list[ImageItem], refiner: Re
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def build_dataset(config: EvalConfig) -> tuple[Any, Callable[..., dict]]:
-    """The dataset object of the input layout and its per-image function."""
-    if config.mode == "big":
-        return BigSet(config.big), process_big
-    if config.mode == "panoptic":
-        return CocoPanopticSet(
-            config.coco_panoptic,
-            config.panoptic_dir,
-            config.images,
-            config.pred_json,
-            config.pred_dir,
-        ), process_panoptic
-    instances = CocoInstanceSet(config.coco_instances, config.images, config.predictions)
-    if config.as_panoptic:
-        return InstancesAsPanoptic(instances), process_panoptic
-    return instances, process_instances
-
-
 def _refine_shard(
     config: EvalConfig,
-    dataset: Any,
-    process: Callable[..., dict],
     items: list[ImageItem],
     ctx: ProcessContext,
     store: RecordStore,
@@ -298,9 +232,9 @@ def _refine_shard(
         disable=config.quiet or dist.rank != 0,
     )
     for item in bar:
-        record = process(ctx, dataset, item)
-        record["rank"] = dist.rank
-        store.write(item.key, record)
+        record = config.inputs.process(ctx, item)
+        record.rank = dist.rank
+        store.write(record)
     bar.close()
     return len(todo)
 
@@ -317,13 +251,11 @@ def run_evaluation(
     """
     dist = dist or DistInfo()
     t0 = time.perf_counter()
-    dataset, process = build_dataset(config)
-    items = dataset.items[: config.limit] if config.limit else list(dataset.items)
+    items = config.inputs.open()
+    items = items[: config.limit] if config.limit else items
     if not items:
         raise ValueError("the input has no images")
-    validate = getattr(dataset, "validate_predictions", None)
-    if validate is not None:  # panoptic predictions: checked before anything is refined
-        validate(items)
+    config.inputs.validate(items)  # before anything is refined
     check_dataset_memory(config, items, refiner)
     layout = OutputLayout(config.output)
     os.makedirs(layout.root, exist_ok=True)
@@ -339,7 +271,7 @@ def run_evaluation(
     if dist.rank != 0:
         store.check_settings(settings, create=False)
     ctx = ProcessContext(refiner, config.settings, layout, config.coarse, config.soft_coarse)
-    done_now = _refine_shard(config, dataset, process, items, ctx, store, dist)
+    done_now = _refine_shard(config, items, ctx, store, dist)
     dist.barrier()
     if dist.rank != 0:
         return None
@@ -350,7 +282,8 @@ def run_evaluation(
             f"(first: {missing[:3]}); in a multi-node run the output folder must be shared by "
             "all nodes"
         )
-    report = _evaluate(config, dataset, items, store, layout, settings)
+    records = [store.read(it.key, config.inputs.payload) for it in items]
+    report = _evaluate(config, items, records, layout, settings)
     report["world_size"] = dist.world_size
     report["settings"]["processes"] = dist.world_size
     report["timing"]["wall_seconds"] = time.perf_counter() - t0
@@ -364,133 +297,45 @@ def run_evaluation(
 
 def _evaluate(
     config: EvalConfig,
-    dataset: Any,
-    items: list[ImageItem],
-    store: RecordStore,
+    items: Sequence[ImageItem],
+    records: Sequence[ImageRecord],
     layout: OutputLayout,
     settings: dict,
 ) -> dict:
-    """Read every record, compute the metrics, write the collected outputs and overlays."""
-    kind = "panoptic" if config.as_panoptic else config.mode
-    objects: list[tuple[str, dict]] = []
-    seconds = 0.0
-    segments = refined_segments = vanished = 0
-    collected: dict[str, list] = {
-        "coarse_results": [],
-        "refined_results": [],
-        "coarse_ann": [],
-        "refined_ann": [],
-        "gt_ann": [],
-    }
-    for item in items:
-        rec = store.read(item.key)
-        seconds += rec.get("seconds", 0.0)
-        refined_segments += rec.get("refined", 0)
-        vanished += rec.get("vanished", 0)
-        objects.extend((item.key, o) for o in rec["objects"])
-        segments += rec["segments"]
-        if kind == "instances":
-            collected["coarse_results"].extend(rec["coarse_results"])
-            collected["refined_results"].extend(rec["refined_results"])
-        elif kind == "panoptic":
-            for name in ("coarse_ann", "refined_ann", "gt_ann"):
-                if name in rec:
-                    collected[name].append(rec[name])
-
-    outputs: dict[str, str] = {}
-    notes: list[str] = []
+    """Compute the metrics of every record, write the collected outputs and overlays; returns
+    the report (without the run's timing and process count)."""
+    fmt = config.inputs
+    objects = [(rec.key, o) for rec in records for o in rec.objects]
     summary = object_summary([o for _, o in objects])
-    image_ids = [it.image_id for it in items]
-    if kind == "instances":
-        outputs["refined results"] = layout.path("refined_instances.json")
-        write_json(outputs["refined results"], collected["refined_results"])
-        if config.coarse is not None:
-            outputs["coarse results"] = layout.path("coarse_instances.json")
-            write_json(outputs["coarse results"], collected["coarse_results"])
-            if vanished:
-                notes.append(
-                    f"{vanished} ground-truth objects had an empty coarse mask "
-                    f"({config.coarse.describe()}) and are not among the predictions"
-                )
-        gt = dataset.subset(image_ids)
-        before = instance_metrics(gt, collected["coarse_results"], label=BEFORE)
-        after = instance_metrics(gt, collected["refined_results"], label=AFTER)
-        rows = instance_rows(before, after) + object_rows(summary)
-        masks_of = instance_masks
-        pairing = (
-            "known: coarse made from that ground truth"
-            if config.coarse
-            else "best IoU >= 0.5, same category, greedy by score"
-        )
-    elif kind == "panoptic":
-        categories = list(dataset.categories.values())
-        if config.as_panoptic:
-            gt_json = {**dataset.subset(image_ids), "annotations": collected["gt_ann"]}
-            outputs["ground truth (painted from instances)"] = layout.path("gt_panoptic.json")
-            write_json(outputs["ground truth (painted from instances)"], gt_json)
-            gt_dir = layout.path("gt_panoptic")
-            notes.append(
-                "ground truth painted from the instances in decreasing area order "
-                "(smaller objects on top); all categories are things"
-            )
-        else:
-            gt_json, gt_dir = dataset.subset(image_ids), dataset.gt_dir
-        if collected["coarse_ann"]:
-            coarse_json = {"annotations": collected["coarse_ann"], "categories": categories}
-            outputs["coarse panoptic"] = layout.path("coarse_panoptic.json")
-            write_json(outputs["coarse panoptic"], coarse_json)
-            coarse_dir = layout.path("coarse_panoptic")
-        else:
-            coarse_json, coarse_dir = config.pred_json, config.pred_dir
-        refined_json = {"annotations": collected["refined_ann"], "categories": categories}
-        outputs["refined panoptic"] = layout.path("refined_panoptic.json")
-        write_json(outputs["refined panoptic"], refined_json)
-        outputs["refined panoptic PNGs"] = layout.path("refined_panoptic")
-        before = panoptic_metrics(gt_json, gt_dir, coarse_json, coarse_dir, label=BEFORE)
-        after = panoptic_metrics(
-            gt_json, gt_dir, refined_json, layout.path("refined_panoptic"), label=AFTER
-        )
-        rows = panoptic_rows(before, after) + object_rows(summary)
-        masks_of = panoptic_masks
-        pairing = (
-            "known: coarse made from that ground truth"
-            if config.coarse
-            else "same category, mask IoU > 0.5"
-        )
-    else:
-        big = big_summary([o for _, o in objects])
-        before = {k[len("coarse_") :]: 100 * v for k, v in big.items() if k.startswith("coarse_")}
-        after = {k: 100 * big[k] for k in before}
-        rows = big_rows(big)
-        outputs["refined masks"] = layout.path("refined")
-        masks_of = big_masks
-        pairing = "one object per image"
-        empty = sum(bool(store.read(it.key).get("empty_coarse")) for it in items)
-        if empty:
-            notes.append(
-                f"{empty} images kept their essentially empty coarse mask (sum of "
-                "0..255 values < 1024, the official BIG rule)"
-            )
+    result = fmt.metrics(records, layout, config.coarse, summary)
+    outputs, notes = dict(result.outputs), list(result.notes)
     if config.random_weights:
         notes.insert(0, RANDOM_WEIGHTS_WARNING)
-
     chosen = select_overlays(objects, config.overlays)
-    overlays = write_overlays(chosen, {it.key: it for it in items}, store, layout, masks_of)
+    overlays = write_overlays(
+        chosen,
+        {it.key: it for it in items},
+        {rec.key: rec for rec in records},
+        layout,
+        fmt.masks,
+    )
     outputs["report"] = layout.path("report.md")
-    report = {
+    seconds = sum(rec.seconds for rec in records)
+    rows = result.rows
+    return {
         "tool": "crm-eval",
         "warning": RANDOM_WEIGHTS_WARNING if config.random_weights else None,
-        "mode": kind,
-        "input": config.big or config.coco_panoptic or config.coco_instances,
+        "mode": fmt.kind,
+        "input": fmt.main_input,
         "coarse": settings["coarse"] + (" (CRM sees the soft map)" if config.soft_coarse else ""),
         "weights": config.weights,
-        "pairing": pairing,
+        "pairing": result.pairing,
         "images": len(items),
-        "segments": segments,
-        "refined_segments": refined_segments,
+        "segments": sum(rec.segments for rec in records),
+        "refined_segments": sum(rec.refined for rec in records),
         "units": "before/after and table: percent; objects: fractions in [0, 1]",
-        "before": before,
-        "after": after,
+        "before": result.before,
+        "after": result.after,
         "objects": summary,
         "table": [list(r) for r in rows],
         "console": format_table(rows),
@@ -505,4 +350,3 @@ def _evaluate(
         "overlays": overlays,
         "notes": notes,
     }
-    return report
