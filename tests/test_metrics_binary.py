@@ -233,6 +233,7 @@ def test_one_aggregator_and_nan_rule_for_every_set_summary():
 
     from crm_d2.evaluation.aggregate import summarize_objects
     from crm_d2.evaluation.binary import object_scores
+    from crm_d2.tool.records import ObjectRecord
     from crm_d2.tool.report import big_summary, object_summary
 
     gt = [square(20, 20, 40), square(10, 10, 30), np.ones((100, 100), bool)]
@@ -257,8 +258,19 @@ def test_one_aggregator_and_nan_rule_for_every_set_summary():
         }
 
     before = [object_scores(c, g) for c, g in zip(coarse, gt)]
-    objects = [
-        {"before": as_json(b), "after": as_json(a), "refined": True} for b, a in zip(before, after)
+    objects = [  # through crm-eval's on-disk JSON (NaN written as null)
+        ObjectRecord.from_json(
+            {
+                "index": i,
+                "gt": i,
+                "category_id": 1,
+                "refined": True,
+                "crop": [0, 0, 1, 1],
+                "before": as_json(b),
+                "after": as_json(a),
+            }
+        )
+        for i, (b, a) in enumerate(zip(before, after))
     ]
     summary = object_summary(objects)
     for key in ("iou", "mean_iou", "mba", "boundary_iou"):
