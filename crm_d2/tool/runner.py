@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..distributed import DistInfo
@@ -23,13 +23,14 @@ from ..distributed import init_distributed as _init_distributed
 from ..inference import CRMRefiner
 from ..io import image_size
 from ..memory import check_memory
+from ..options import CRM_EVAL_DEFAULTS, RefineOptions
+from ..pipeline import reduced_size
 from ..refiners import Refiner
 from .as_panoptic import InstancesAsPanoptic
 from .coarse import CoarseSpec
 from .datasets import BigSet, CocoInstanceSet, CocoPanopticSet, ImageItem
 from .process import ProcessContext, process_big, process_instances, process_panoptic
 from .records import OutputLayout, RecordStore, write_json
-from .refine import RefineSettings, reduced_size
 from .report import (
     RANDOM_WEIGHTS_WARNING,
     big_masks,
@@ -58,6 +59,9 @@ DIST_TIMEOUT = datetime.timedelta(hours=24)  # the barrier waits for the slowest
 BEFORE, AFTER = "before (coarse input)", "after (refined by CRM)"  # names in the logs
 
 
+_FUSION_KEYS = ("stuff_factor", "init_confidence", "exclusive", "void_id", "score_reweight")
+
+
 @dataclass
 class EvalConfig:
     """Everything ``crm-eval`` was asked to do (see ``crm-eval --help``).
@@ -80,7 +84,7 @@ class EvalConfig:
     soft_coarse: bool = False
     as_panoptic: bool = False
     limit: int | None = None
-    settings: RefineSettings = field(default_factory=RefineSettings)
+    settings: RefineOptions = CRM_EVAL_DEFAULTS
     overlays: int = 8
     overwrite: bool = False
     quiet: bool = False
@@ -120,7 +124,7 @@ class EvalConfig:
 
     def settings_record(self, refiner: Refiner) -> dict[str, Any]:
         """The settings that shape per-image results (stored with the cache)."""
-        roi = self.settings.roi
+        opts = self.settings
         paths = {
             k: os.path.abspath(v) if v else None
             for k, v in (
@@ -166,10 +170,17 @@ class EvalConfig:
             "weights": self.weights,
             **_refiner_record(refiner, self.settings.scales),
             "random_weights": self.random_weights,
-            "expand_ratio": roi.expand_ratio,
-            "min_area": roi.min_area,
-            "size_multiple": roi.size_multiple,
-            "max_side": self.settings.max_side,
+            "expand_ratio": opts.expand_ratio,
+            "min_area": opts.min_area,
+            "size_multiple": opts.size_multiple,
+            "max_side": opts.max_side,
+            # The fusion options, only where they differ from crm-eval's defaults, so that the
+            # records cached before they could be set stay valid.
+            **{
+                k: getattr(opts, k)
+                for k in _FUSION_KEYS
+                if getattr(opts, k) != getattr(CRM_EVAL_DEFAULTS, k)
+            },
         }
 
 
@@ -499,7 +510,7 @@ def _evaluate(
             **settings,
             "limit": config.limit,
             "overlays": config.overlays,
-            "batch_size": config.settings.roi.batch_size,
+            "batch_size": config.settings.batch_size,
         },
         "outputs": outputs,
         "overlays": overlays,
