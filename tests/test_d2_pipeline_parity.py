@@ -170,3 +170,20 @@ def test_panoptic_identical(refiner, image_item, tmp_path, max_side):
     assert np.array_equal(eval_ids, d2_ids.numpy())
     kept = [s["id"] for s in record["refined_ann"]["segments_info"]]
     assert kept == [s["id"] for s in d2_info]
+
+
+def test_config_defaults_come_from_the_options():
+    from detectron2.config import get_cfg
+
+    from crm_d2.d2.config import add_crm_config
+
+    cfg = get_cfg()
+    add_crm_config(cfg)
+    assert CRMOptions.from_config(cfg.MODEL.CRM) == CRMOptions()
+    assert CRMOptions().max_side is None and CRMOptions().mask_chunk is None  # today's behaviour
+    cfg.merge_from_list(["MODEL.CRM.MAX_SIDE", "48", "MODEL.CRM.MASK_CHUNK", "4"])
+    opts = CRMOptions.from_config(cfg.MODEL.CRM)
+    assert (opts.max_side, opts.mask_chunk) == (48, 4)
+    cfg.merge_from_list(["MODEL.CRM.MAX_SIDE", "16"])
+    with pytest.raises(ValueError, match="max_side"):
+        CRMOptions.from_config(cfg.MODEL.CRM)
