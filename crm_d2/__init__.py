@@ -1,8 +1,9 @@
 """crm_d2: CRM mask refinement for detectron2 models.
 
 The core (network, inference, fusion, metrics, standalone tools) imports without detectron2.
-The detectron2 layer lives in :mod:`crm_d2.config`, :mod:`crm_d2.meta_arch` (importing it
-registers ``CRMRefinedModel``) and :mod:`crm_d2.d2_data`; they need detectron2.
+The detectron2 layer is the package :mod:`crm_d2.d2` (config, meta-architecture, simulator, data
+and evaluators; importing :mod:`crm_d2.d2.meta_arch` registers ``CRMRefinedModel``); it needs
+detectron2.
 """
 
 from .cascadepsp import CascadePSPRefiner

@@ -45,6 +45,9 @@ class Refiner(Protocol):
     def refine_tensors(self, image: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
         """(B, 3, H, W) normalised images, (B, 1, H, W) masks in [-1, 1] -> (B, H, W)."""
 
+    def to(self, device: torch.device | str) -> Refiner:
+        """Compute on ``device`` from now on (returns self)."""
+
 
 def refiner_class(kind: str) -> type:
     """The refiner class of a name in :data:`REFINERS` (ValueError naming the choices)."""

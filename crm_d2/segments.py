@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .fusion import RefinedSegment, crop, expand_box, mask_to_box
+from .boxes import crop, expand_box, mask_to_box
+from .fusion import RefinedSegment
 from .inference import normalize_image, normalize_mask
+from .options import RefineOptions
 from .refiners import Refiner
 from .sparse import FastOptions
 
@@ -27,15 +29,18 @@ __all__ = ["ROIOptions", "refine_segments"]
 
 logger = logging.getLogger(__name__)
 
+_DEFAULT = RefineOptions()
+
 
 @dataclass(frozen=True)
 class ROIOptions:
-    """How ROIs are cut and batched.
+    """How ROIs are cut and batched (defaults: :class:`crm_d2.options.RefineOptions`).
 
     Attributes:
         expand_ratio: the box grows by this fraction of its size in total (half per side);
             0.25 as in CascadePSP's scene-parsing reference.
-        min_area: segments with at most this many pixels are not refined (1024 reference).
+        min_area: segments with at most this many pixels are not refined (1024 reference);
+            :mod:`crm_d2.pipeline` selects the segments itself and passes 0.
         batch_size: ROIs of the same size refined in one call.
         size_multiple: round ROI sizes up (adding context, clipped at the image border) to a
             multiple of this many pixels so that more ROIs share a size and batch together;
@@ -43,11 +48,11 @@ class ROIOptions:
         min_roi_size: grow ROIs smaller than this (per side) around their centre.
     """
 
-    expand_ratio: float = 0.25
-    min_area: int = 1024
-    batch_size: int = 8
-    size_multiple: int = 1
-    min_roi_size: int = 0
+    expand_ratio: float = _DEFAULT.expand_ratio
+    min_area: int = _DEFAULT.min_area
+    batch_size: int = _DEFAULT.batch_size
+    size_multiple: int = _DEFAULT.size_multiple
+    min_roi_size: int = _DEFAULT.min_roi_size
 
     def __post_init__(self) -> None:
         if self.expand_ratio < 0:

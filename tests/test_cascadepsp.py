@@ -306,7 +306,7 @@ def test_load_refiner_and_refine_segments(weights, tiny_weights):
     image = torch.from_numpy(img).permute(2, 0, 1)
     out = refine_segments(ref, image, masks, ROIOptions(min_area=100))
     assert [r.segment_id for r in out] == [0, 1]
-    from crm_d2.fusion import crop
+    from crm_d2.boxes import crop
     from crm_d2.inference import normalize_image, normalize_mask
 
     norm = normalize_image(image[None])

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.detectron2
 
 from detectron2.config import get_cfg  # noqa: E402
 
-from crm_d2.config import (  # noqa: E402
+from crm_d2.d2.config import (  # noqa: E402
     add_crm_config,
     load_yaml_with_bases,
     merge_config_file,

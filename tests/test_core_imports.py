@@ -17,7 +17,7 @@ sys.meta_path.insert(0, _Block())
 CORE = [
     "crm_d2", "crm_d2.fusion", "crm_d2.segments", "crm_d2.visualize", "crm_d2.evaluation",
     "crm_d2.training.trainer", "crm_d2.training.sources", "crm_d2.cli.refine", "crm_d2.cli.eval",
-    "crm_d2.tool",
+    "crm_d2.tool", "crm_d2.options", "crm_d2.boxes", "crm_d2.pipeline",
 ]
 
 
@@ -29,7 +29,7 @@ from crm_d2.modeling.crm import TINY_ARCH
 out = CRMRefiner(CRMNet(TINY_ARCH)).refine(np.zeros((8, 9, 3), np.uint8), np.ones((8, 9), bool))
 assert out.shape == (8, 9)
 try:
-    import crm_d2.meta_arch
+    import crm_d2.d2.meta_arch
 except ImportError as e:
     assert 'blocked' in str(e), e
 else:

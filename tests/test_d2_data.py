@@ -1,4 +1,5 @@
-"""crm_d2.d2_data: original-image mapper, datasets registered by paths, evaluators."""
+"""crm_d2.d2.data and crm_d2.d2.evaluators: original-image mapper, datasets registered by paths,
+evaluators."""
 
 from __future__ import annotations
 
@@ -28,20 +29,22 @@ from detectron2.evaluation import (  # noqa: E402
 from detectron2.structures import BitMasks, Instances  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from crm_d2.d2_data import (  # noqa: E402
-    BeforeAfterEvaluator,
-    EntityAPEvaluator,
+from crm_d2.d2.data import (  # noqa: E402
     OriginalImageMapper,
-    before_after_results,
     entity_gt_json,
-    format_before_after,
     panoptic_metadata,
     prepare_dataset_files,
     register_coco_instance_folder,
     register_coco_panoptic_folder,
 )
+from crm_d2.d2.evaluators import (  # noqa: E402
+    BeforeAfterEvaluator,
+    EntityAPEvaluator,
+    before_after_results,
+    format_before_after,
+)
+from crm_d2.d2.meta_arch import INNER_KEY  # noqa: E402
 from crm_d2.evaluation import read_panoptic_png  # noqa: E402
-from crm_d2.meta_arch import INNER_KEY  # noqa: E402
 
 
 def unique(name: str) -> str:
@@ -290,7 +293,7 @@ def test_before_after_evaluator_copies_and_merges(caplog):
     evaluator.process([{}], [out])
     assert inner.seen == refined.seen == [[True]]
     assert info == [{"id": 1, "isthing": True}]  # the model's own output is not edited
-    caplog.set_level("INFO", logger="crm_d2.d2_data")
+    caplog.set_level("INFO", logger="crm_d2.d2.evaluators")
     results = evaluator.evaluate()
     assert list(results) == ["panoptic_seg", "inner/panoptic_seg", "delta/panoptic_seg"]
     assert results["delta/panoptic_seg"] == {"PQ": pytest.approx(1.5)}

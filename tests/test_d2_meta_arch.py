@@ -28,16 +28,14 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from crm_d2 import CRMNet, save_crm  # noqa: E402
-from crm_d2.config import add_crm_config  # noqa: E402
-from crm_d2.meta_arch import (  # noqa: E402
-    INNER_KEY,
+from crm_d2.d2.config import (  # noqa: E402
     CRMOptions,
-    CRMRefinedModel,
+    add_crm_config,
     parse_exclusive,
     parse_void_id,
 )
+from crm_d2.d2.meta_arch import INNER_KEY, CRMRefinedModel  # noqa: E402
 from crm_d2.modeling.crm import TINY_ARCH  # noqa: E402
-from crm_d2.segments import ROIOptions  # noqa: E402
 
 H, W = 64, 96
 GROW = 2
@@ -203,7 +201,7 @@ class CRMTestVoidMinusOne(_Dummy):
 
 
 def wrap(inner_cls, refiner=None, **options) -> CRMRefinedModel:
-    opts = CRMOptions(roi=ROIOptions(expand_ratio=0.25, min_area=1024), **options)
+    opts = CRMOptions(expand_ratio=0.25, min_area=1024, **options)
     model = CRMRefinedModel(model=inner_cls(), refiner=refiner or GrowRefiner(), options=opts)
     return model.eval()
 
@@ -261,7 +259,7 @@ def test_from_config_errors(crm_checkpoint, monkeypatch):
         build_model(d2_cfg("", crm_checkpoint))
     with pytest.raises(ValueError, match="cannot be CRMRefinedModel"):
         build_model(d2_cfg("CRMRefinedModel", crm_checkpoint))
-    monkeypatch.setattr("crm_d2.meta_arch.default_weights_path", lambda: None)
+    monkeypatch.setattr("crm_d2.d2.meta_arch.default_weights_path", lambda: None)
     with pytest.raises(ValueError, match="MODEL.CRM.WEIGHTS is empty"):
         build_model(d2_cfg("CRMTestPanopticFPN", ""))
 
@@ -480,10 +478,10 @@ def test_original_image_sources(caplog):
     )
     assert torch.equal(got, original)
     # same size network input: BGR -> RGB, no warning
-    caplog.set_level(logging.WARNING, logger="crm_d2.meta_arch")
+    caplog.set_level(logging.WARNING, logger="crm_d2.d2.meta_arch")
     got = model.original_image({"image": original, "height": H, "width": W})
     assert torch.equal(got, original.flip(0))
-    assert not [r for r in caplog.records if r.name == "crm_d2.meta_arch"]
+    assert not [r for r in caplog.records if r.name == "crm_d2.d2.meta_arch"]
     # smaller network input: resized back, warned once
     for _ in range(2):
         got = model.original_image({"image": small, "height": H, "width": W})
@@ -501,7 +499,7 @@ def test_timing_is_accumulated(caplog):
     model(inputs_for(n=1))
     assert model.timing.images == 3
     assert model.timing.refine_seconds > 0 and model.timing.inner_seconds > 0
-    caplog.set_level(logging.INFO, logger="crm_d2.meta_arch")
+    caplog.set_level(logging.INFO, logger="crm_d2.d2.meta_arch")
     summary = model.log_timing()
     assert summary["images"] == 3
     assert summary["refine_s_per_image"] == pytest.approx(model.timing.refine_seconds / 3)

@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 
 from crm_d2 import CRMNet, save_crm  # noqa: E402
-from crm_d2.config import add_crm_config  # noqa: E402
-from crm_d2.d2_data import register_coco_panoptic_folder  # noqa: E402
+from crm_d2.d2.config import add_crm_config  # noqa: E402
+from crm_d2.d2.data import register_coco_panoptic_folder  # noqa: E402
 from crm_d2.modeling.crm import TINY_ARCH  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ def no_refine(monkeypatch):
     """Fail the test if CRM runs: the errors must come before any refinement."""
     def refine(*a, **k):
         raise AssertionError("refinement started before the error")
-    monkeypatch.setattr("crm_d2.tool.refine.refine_segments", refine)
+    monkeypatch.setattr("crm_d2.pipeline.refine_segments", refine)
 
 
 def _results(root: Path) -> list[dict]:

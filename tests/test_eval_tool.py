@@ -25,8 +25,9 @@ from crm_d2.evaluation.binary import iou
 from crm_d2.evaluation.panoptic import boundary_pq, read_panoptic_png, write_panoptic_png
 from crm_d2.fusion import RefinedSegment
 from crm_d2.modeling.crm import TINY_ARCH
-from crm_d2.segments import ROIOptions
-from crm_d2.tool import CoarseSpec, RefineSettings, refine_masks
+from crm_d2.options import RefineOptions
+from crm_d2.pipeline import refine_masks
+from crm_d2.tool import CoarseSpec
 from crm_d2.tool.as_panoptic import combine_instances, paint_by_area
 from crm_d2.tool.coarse import paint_soft_segments
 from crm_d2.tool.datasets import decode_segmentation
@@ -245,13 +246,14 @@ def test_max_side_maps_back_to_original_pixels(monkeypatch):
         assert max(h, w) <= 40 and image.shape[-2:] == (h, w)
         return [RefinedSegment(i, masks[i].float(), (0, 0, w, h)) for i in range(len(masks))]
 
-    monkeypatch.setattr("crm_d2.tool.refine.refine_segments", identity)
+    monkeypatch.setattr("crm_d2.pipeline.refine_segments", identity)
     masks = np.zeros((3, 90, 120), bool)
     masks[0, 10:60, 20:100] = True
     masks[1, 50:88, 5:40] = True
     masks[2, 1:4, 1:4] = True  # 9 px: not refined
     image = np.zeros((90, 120, 3), np.uint8)
-    out = refine_masks(None, image, masks, RefineSettings(ROIOptions(min_area=20), max_side=40))
+    image_t, masks_t = torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(masks)
+    out = refine_masks(None, image_t, masks_t, RefineOptions(min_area=20, max_side=40))
     assert [r.segment_id for r in out] == [0, 1]
     for r in out:
         assert r.box == (0, 0, 120, 90) and tuple(r.prob.shape) == (90, 120)
@@ -324,7 +326,7 @@ def test_perfect_refiner_reaches_100(tmp_path, weights, monkeypatch):
             out.append(RefinedSegment(i, torch.from_numpy(best).float(), (0, 0, w, h)))
         return out
 
-    monkeypatch.setattr("crm_d2.tool.refine.refine_segments", oracle)
+    monkeypatch.setattr("crm_d2.pipeline.refine_segments", oracle)
     out = tmp_path / "out"
     cli.main(coco_args(tmp_path / "data", out, weights, "--min-area", "0"))
     rep = read_report(out)
@@ -339,7 +341,7 @@ def test_perfect_refiner_reaches_100(tmp_path, weights, monkeypatch):
 
 def test_resume_skips_done_images(tmp_path, weights, monkeypatch):
     make_coco(tmp_path / "data")
-    from crm_d2.tool import refine as refine_module
+    from crm_d2 import pipeline as refine_module
 
     calls: list[tuple[int, int]] = []
     real = refine_module.refine_segments
@@ -348,7 +350,7 @@ def test_resume_skips_done_images(tmp_path, weights, monkeypatch):
         calls.append(tuple(image.shape[-2:]))
         return real(refiner, image, masks, *args, **kwargs)
 
-    monkeypatch.setattr("crm_d2.tool.refine.refine_segments", counting)
+    monkeypatch.setattr("crm_d2.pipeline.refine_segments", counting)
     out = tmp_path / "out"
     args = coco_args(tmp_path / "data", out, weights, "--min-area", "100", "--overlays", "0")
     cli.main([*args, "--limit", "2"])
@@ -426,7 +428,7 @@ def test_random_weights_are_flagged_loudly(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.shared_data
 def test_coco_tiny_coarse_from_gt_stride(shared_data, tmp_path, weights, monkeypatch):
-    from crm_d2.tool import refine as refine_module
+    from crm_d2 import pipeline as refine_module
 
     real, soft_seen = refine_module.refine_segments, []
 
@@ -434,7 +436,7 @@ def test_coco_tiny_coarse_from_gt_stride(shared_data, tmp_path, weights, monkeyp
         soft_seen.append(bool(((masks > 0) & (masks < 1)).any()))
         return real(refiner, image, masks, *args, **kwargs)
 
-    monkeypatch.setattr("crm_d2.tool.refine.refine_segments", spy)
+    monkeypatch.setattr("crm_d2.pipeline.refine_segments", spy)
     root = shared_data / "coco_tiny"
     out = tmp_path / "out"
     cli.main(
@@ -769,7 +771,7 @@ def test_panoptic_perfect_refiner_from_stride_coarse(shared_data, tmp_path, weig
             out.append(RefinedSegment(i, torch.from_numpy(best).float(), (0, 0, w, h), isthing[i]))
         return out
 
-    monkeypatch.setattr("crm_d2.tool.refine.refine_segments", oracle)
+    monkeypatch.setattr("crm_d2.pipeline.refine_segments", oracle)
     out = tmp_path / "out"
     cli.main(
         ["--weights", weights, "--output", str(out), "--coco-panoptic",

@@ -14,18 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crm_d2.boxes import boxes_from_masks, crop, expand_box, mask_to_box
 from crm_d2.fusion import (
     RefinedSegment,
-    boxes_from_masks,
-    crop,
-    expand_box,
     fuse_instances,
     fuse_panoptic,
-    mask_to_box,
-    paste,
     segment_areas,
     segments_to_semantic,
-    select_segments,
     semantic_to_segments,
 )
 
@@ -168,24 +163,19 @@ def test_expand_box_inside_image_and_contains_box(case, ratio, min_size):
 
 
 # --------------------------------------------------------------------------------------------
-# crop / paste
+# crop
 # --------------------------------------------------------------------------------------------
 
 
-def test_crop_and_paste_known_answer():
+def test_crop_known_answer():
     x = torch.arange(20).view(4, 5)
     roi = crop(x, (1, 1, 3, 3))
     assert torch.equal(roi, torch.tensor([[6, 7], [11, 12]]))
     stacked = torch.stack([x, -x])
     assert torch.equal(crop(stacked, (1, 1, 3, 3))[1], -roi)
-    pasted = paste(torch.ones(2, 3), (2, 1, 5, 3), (4, 6), fill=-1.0)
-    expected = torch.full((4, 6), -1.0)
-    expected[1:3, 2:5] = 1.0
-    assert torch.equal(pasted, expected)
-    assert paste(torch.ones(2, 3, dtype=torch.bool), (2, 1, 5, 3), (4, 6)).sum() == 6
 
 
-def test_crop_and_paste_reject_bad_boxes():
+def test_crop_rejects_bad_boxes():
     x = torch.zeros(4, 5)
     with pytest.raises(ValueError, match="not inside"):
         crop(x, (3, 0, 6, 2))
@@ -193,29 +183,6 @@ def test_crop_and_paste_reject_bad_boxes():
         crop(x, (2, 2, 2, 3))
     with pytest.raises(ValueError, match="integers"):
         crop(x, (0.5, 0, 2, 2))
-    with pytest.raises(ValueError, match="does not match"):
-        paste(torch.zeros(2, 2), (0, 0, 3, 2), (4, 5))
-    with pytest.raises(ValueError, match="not inside"):
-        paste(torch.zeros(2, 2), (4, 3, 6, 5), (4, 5))
-
-
-@PROPS
-@given(
-    case=boxes_in_images(allow_float=False),
-    seed=st.integers(0, 2**31 - 1),
-    fill=st.sampled_from([0.0, -2.0]),
-)
-def test_paste_crop_roundtrip(case, seed, fill):
-    (h, w), box = case
-    x = torch.rand(h, w, generator=torch.Generator().manual_seed(seed))
-    x0, y0, x1, y1 = box
-    restored = paste(crop(x, box), box, (h, w), fill=fill)
-    inside = torch.zeros(h, w, dtype=torch.bool)
-    inside[y0:y1, x0:x1] = True
-    assert torch.equal(restored[inside], x[inside])
-    assert bool((restored[~inside] == fill).all())
-    roi = torch.rand(y1 - y0, x1 - x0, generator=torch.Generator().manual_seed(seed + 1))
-    assert torch.equal(crop(paste(roi, box, (h, w)), box), roi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,13 +612,16 @@ def test_fuse_instances_non_exclusive_properties(case, threshold):
     for i in range(masks.shape[0]):
         if i in refined_by_idx:
             r = refined_by_idx[i]
-            assert torch.equal(out[i], paste(r.prob > threshold, r.box, tuple(masks.shape[1:])))
+            x0, y0, x1, y1 = r.box
+            expected = torch.zeros_like(masks[i])
+            expected[y0:y1, x0:x1] = r.prob > threshold
+            assert torch.equal(out[i], expected)
         else:
             assert torch.equal(out[i], masks[i])
 
 
 # --------------------------------------------------------------------------------------------
-# semantic_to_segments / segments_to_semantic / select_segments
+# semantic_to_segments / segments_to_semantic / segment_areas
 # --------------------------------------------------------------------------------------------
 
 
@@ -726,16 +696,6 @@ def test_semantic_segments_roundtrip_and_scipy_reference(h, w, seed, connectivit
             _, num = ndimage.label(comp, structure=structure)
             assert num == 1 and s["area"] == int(comp.sum())
             assert s["refine"] == (s["area"] > 3)
-
-
-def test_select_segments():
-    info = [{"id": 3}, {"id": 1}, {"id": 8}, {"id": 5}]
-    areas = {3: 1025, 1: 1024, 8: 5000}  # 5 missing -> area 0
-    assert select_segments(info, areas) == [3, 8]
-    assert select_segments(info, [1025, 1024, 5000, 2000]) == [3, 8, 5]
-    assert select_segments(info, [10, 20, 30, 40], min_area=15) == [1, 8, 5]
-    with pytest.raises(ValueError, match="areas has 2 values"):
-        select_segments(info, [1, 2])
 
 
 def test_segment_areas():

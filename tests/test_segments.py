@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crm_d2 import CRMRefiner
-from crm_d2.fusion import expand_box, mask_to_box
+from crm_d2.boxes import expand_box, mask_to_box
 from crm_d2.modeling.crm import TINY_ARCH
 from crm_d2.segments import ROIOptions, refine_segments
 

@@ -175,8 +175,8 @@ def _case_d2(args) -> dict:
         from detectron2.config import get_cfg
         from detectron2.modeling import build_model
 
-        import crm_d2.meta_arch  # noqa: F401  (registers CRMRefinedModel)
-        from crm_d2.config import add_crm_config, merge_config_file
+        import crm_d2.d2.meta_arch  # noqa: F401  (registers CRMRefinedModel)
+        from crm_d2.d2.config import add_crm_config, merge_config_file
     except ImportError as err:
         return {"skipped": f"detectron2 does not import: {err}"}
     from PIL import Image

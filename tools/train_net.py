@@ -53,20 +53,22 @@ from detectron2.evaluation import (
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from crm_d2.config import add_crm_config, merge_config_file
-from crm_d2.d2_data import (
-    BeforeAfterEvaluator,
-    EntityAPEvaluator,
+from crm_d2.d2.config import add_crm_config, merge_config_file
+from crm_d2.d2.data import (
     OriginalImageMapper,
     entity_gt_json,
-    format_before_after,
     prepare_dataset_files,
     register_coco_instance_folder,
     register_coco_panoptic_folder,
 )
+from crm_d2.d2.evaluators import (
+    BeforeAfterEvaluator,
+    EntityAPEvaluator,
+    format_before_after,
+)
+from crm_d2.d2.meta_arch import CRMRefinedModel
+from crm_d2.d2.simulator import CoarseGTSimulator
 from crm_d2.io import write_json, write_text
-from crm_d2.meta_arch import CRMRefinedModel
-from crm_d2.simulator import CoarseGTSimulator
 
 logger = logging.getLogger("crm_d2.train_net")
 

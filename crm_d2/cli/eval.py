@@ -29,9 +29,24 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from crm_d2.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
+from crm_d2.cli.args import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+from crm_d2.options import CRM_EVAL_DEFAULTS
 
 logger = logging.getLogger("crm_d2.eval")
+
+_EXCLUSIVE = {"auto": None, "true": True, "false": False}
+_VOID_ID = {"auto": None, "0": 0, "-1": -1}
+
+
+def _choice_of(choices: dict, value) -> str:
+    """The command-line spelling of a default value."""
+    return next(k for k, v in choices.items() if v is value or v == value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,29 +134,68 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--expand-ratio",
         type=non_negative_float,
-        default=0.25,
+        default=CRM_EVAL_DEFAULTS.expand_ratio,
         help="ROI = mask box grown by this fraction of its size (a large value, "
         "e.g. 100, refines on the whole image like the official BIG test)",
     )
     r.add_argument(
         "--min-area",
         type=non_negative_int,
-        default=1024,
+        default=CRM_EVAL_DEFAULTS.min_area,
         help="segments of at most this many pixels are kept unchanged",
     )
-    r.add_argument("--batch-size", type=positive_int, default=8, help="same-size ROIs per CRM call")
+    r.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=CRM_EVAL_DEFAULTS.batch_size,
+        help="same-size ROIs per CRM call",
+    )
     r.add_argument(
         "--size-multiple",
         type=positive_int,
-        default=1,
+        default=CRM_EVAL_DEFAULTS.size_multiple,
         help="round ROI sizes up to a multiple of this (more batching)",
     )
     r.add_argument(
         "--max-side",
         type=positive_int,
-        default=None,
+        default=CRM_EVAL_DEFAULTS.max_side,
         help="refine images larger than this (longer side, px) at reduced size, "
         "for speed; outputs and metrics stay at full resolution",
+    )
+    f = p.add_argument_group("fusion (the modified argmax, crm_d2.fusion)")
+    f.add_argument(
+        "--stuff-factor",
+        type=non_negative_float,
+        default=CRM_EVAL_DEFAULTS.stuff_factor,
+        help="panoptic: stuff probabilities are multiplied by this before the fusion",
+    )
+    f.add_argument(
+        "--init-confidence",
+        type=probability,
+        default=CRM_EVAL_DEFAULTS.init_confidence,
+        help="confidence of the coarse labels in the fusion",
+    )
+    f.add_argument(
+        "--exclusive",
+        choices=tuple(_EXCLUSIVE),
+        default=_choice_of(_EXCLUSIVE, CRM_EVAL_DEFAULTS.exclusive),
+        help="instances: true = modified argmax (masks stay disjoint), false = each refined "
+        "mask replaces its coarse mask in its ROI, auto = true when an image's coarse masks do "
+        "not overlap (the detectron2 layer's default)",
+    )
+    f.add_argument(
+        "--void-id",
+        choices=tuple(_VOID_ID),
+        default=_choice_of(_VOID_ID, CRM_EVAL_DEFAULTS.void_id),
+        help="panoptic void id; auto = -1 if some segment has id 0, else 0",
+    )
+    f.add_argument(
+        "--score-reweight",
+        action="store_true",
+        default=CRM_EVAL_DEFAULTS.score_reweight,
+        help="instances: multiply each refined score by the mean refined probability inside "
+        "its new mask",
     )
 
     o = p.add_argument_group("output")
@@ -214,22 +268,28 @@ def _inputs(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace):
-    from crm_d2.segments import ROIOptions
-    from crm_d2.tool import CoarseSpec, EvalConfig, RefineSettings
+    import dataclasses
+
+    from crm_d2.tool import CoarseSpec, EvalConfig
 
     inputs = _inputs(args)
     try:
         coarse = (
             CoarseSpec.parse(args.coarse_from_gt, seed=args.seed) if args.coarse_from_gt else None
         )
-        roi = ROIOptions(
+        settings = dataclasses.replace(
+            CRM_EVAL_DEFAULTS,
             expand_ratio=args.expand_ratio,
             min_area=args.min_area,
             batch_size=args.batch_size,
             size_multiple=args.size_multiple,
-        )
-        settings = RefineSettings(
-            roi=roi, scales=tuple(args.scales) if args.scales else None, max_side=args.max_side
+            scales=tuple(args.scales) if args.scales else None,
+            max_side=args.max_side,
+            stuff_factor=args.stuff_factor,
+            init_confidence=args.init_confidence,
+            exclusive=_EXCLUSIVE[args.exclusive],
+            void_id=_VOID_ID[args.void_id],
+            score_reweight=args.score_reweight,
         )
         return EvalConfig(
             output=args.output,

@@ -4,11 +4,13 @@ output files (PNGs); nothing is kept in memory after it returns.
 
 Shape shorthand: N predicted segments of the image, M ground-truth objects, H/W image size.
 
-Fusion: instance masks are non-exclusive (Mask R-CNN style): a refined instance's new mask is
-``prob > 0.5`` inside its ROI box and False outside (:func:`crm_d2.fusion.fuse_instances` with
-``exclusive=False``); panoptic maps use the modified argmax (:func:`crm_d2.fusion.fuse_panoptic`,
-stuff probabilities x 0.51); a BIG mask is ``prob > 0.5`` in its box, the official evaluation's
-rule keeping an essentially empty coarse mask. Segments too small to refine keep their input.
+Refinement and fusion are :mod:`crm_d2.pipeline` (the functions the detectron2 meta-architecture
+calls), with the :class:`~crm_d2.options.RefineOptions` of the context (``crm-eval``'s defaults:
+:data:`crm_d2.options.CRM_EVAL_DEFAULTS`). Instance masks are fused non-exclusively by default
+(Mask R-CNN style: a refined instance's new mask is ``prob > 0.5`` inside its ROI box and False
+outside); panoptic maps use the modified argmax (stuff probabilities x ``stuff_factor``); a BIG
+mask is always ``prob > 0.5`` in its box, the official evaluation's rule keeping an essentially
+empty coarse mask. Segments too small to refine keep their input.
 
 Per-object scores (IoU with counts, mBA, Boundary IoU) are computed on full-image masks against
 the paired ground truth (:mod:`.matching`) before and after refinement.
@@ -16,6 +18,7 @@ the paired ground truth (:mod:`.matching`) before and after refinement.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -24,7 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from ..boxes import expand_box, mask_to_box
 from ..evaluation.binary import (
     BIG_EMPTY_COARSE_SUM,
     ObjectScores,
@@ -32,14 +37,14 @@ from ..evaluation.binary import (
     object_scores,
 )
 from ..evaluation.panoptic import write_panoptic_png
-from ..fusion import RefinedSegment, expand_box, fuse_instances, fuse_panoptic, mask_to_box
 from ..io import read_image, read_mask, save_image
+from ..options import RefineOptions
+from ..pipeline import refine_instances, refine_panoptic
 from ..refiners import Refiner
 from .coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
 from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation
 from .matching import match_instances, match_panoptic, rle_encode
 from .records import OutputLayout
-from .refine import RefineSettings, refine_masks
 
 __all__ = ["ProcessContext", "process_big", "process_instances", "process_panoptic"]
 
@@ -55,7 +60,7 @@ class ProcessContext:
 
     Attributes:
         refiner: the refiner (CRM or CascadePSP).
-        settings: ROI options, scales, downscaling.
+        options: selection, ROI, resolution and fusion options.
         layout: the output folder.
         coarse: coarse masks from the ground truth (None: the given predictions).
         soft_coarse: give CRM the soft coarse map (soft ``stride<K>`` kinds) instead of the
@@ -63,7 +68,7 @@ class ProcessContext:
     """
 
     refiner: Refiner
-    settings: RefineSettings
+    options: RefineOptions
     layout: OutputLayout
     coarse: CoarseSpec | None = None
     soft_coarse: bool = False
@@ -82,6 +87,14 @@ def _read_image(item: ImageItem) -> np.ndarray:
             f"says {item.width}x{item.height}"
         )
     return image
+
+
+def _image_tensor(image: np.ndarray) -> Tensor:
+    """(H, W, 3) uint8 RGB -> the pipeline's (3, H, W) view (copied when not writable or
+    contiguous: torch wants writable memory)."""
+    if not image.flags.writeable or not image.flags.c_contiguous:
+        image = np.array(image, order="C")
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 def _record_header(item: ImageItem, shape: tuple[int, int]) -> dict[str, Any]:
@@ -202,18 +215,23 @@ def process_instances(ctx: ProcessContext, dataset: CocoInstanceSet, item: Image
         record["seconds"] = time.perf_counter() - t0
         return record
     masks = np.stack(binary)
+    soft_t = None
     if ctx.soft_coarse and soft is not None:
-        cnn_input = np.stack(soft).astype(np.float32) / 255
-    else:
-        cnn_input = masks
-    refined = refine_masks(ctx.refiner, image, cnn_input, ctx.settings)
-    del cnn_input
-    fused = fuse_instances(torch.from_numpy(masks), refined, exclusive=False).numpy()
-    done = {r.segment_id for r in refined}
+        soft_t = torch.from_numpy(np.stack(soft).astype(np.float32) / 255)
+    scores = torch.tensor([float(p["score"]) for p in preds], dtype=torch.float64)
+    res = refine_instances(
+        ctx.refiner, _image_tensor(image), torch.from_numpy(masks), ctx.options,
+        soft=soft_t, scores=scores,
+    )
+    del soft_t
+    fused = res.masks.numpy()
+    new_scores = res.scores.tolist() if ctx.options.score_reweight else None
+    done = {r.segment_id for r in res.refined}
     record["refined"] = len(done)
     for i, pred in enumerate(preds):
         record["coarse_results"].append(_result(pred, masks[i]))
-        record["refined_results"].append(_result(pred, fused[i]))
+        out = pred if new_scores is None else {**pred, "score": new_scores[i]}
+        record["refined_results"].append(_result(out, fused[i]))
         j = gt_of[i]
         if j is None:
             continue
@@ -321,18 +339,17 @@ def process_panoptic(ctx: ProcessContext, dataset: Any, item: ImageItem) -> dict
                 f"image {item.image_id}: segment {s['id']} has unknown category {s['category_id']}"
             )
         isthing.append(category.get("isthing", 1) == 1)
-    refined: list[RefinedSegment] = []
-    if seg_ids:
-        masks = np.stack([coarse_ids == i for i in seg_ids])
-        if ctx.soft_coarse and soft_by_id:
-            cnn_input = np.stack([soft_by_id[i] for i in seg_ids]).astype(np.float32) / 255
-        else:
-            cnn_input = masks
-        refined = refine_masks(ctx.refiner, image, cnn_input, ctx.settings, isthing=isthing)
-        del cnn_input, masks
-        refined = [RefinedSegment(seg_ids[r.segment_id], r.prob, r.box, r.isthing) for r in refined]
-    fused_t, fused_segments = fuse_panoptic(torch.from_numpy(coarse_ids), coarse_segments, refined)
-    fused = fused_t.numpy()
+    soft_t = None
+    if ctx.soft_coarse and soft_by_id and seg_ids:
+        soft_np = np.stack([soft_by_id[i] for i in seg_ids]).astype(np.float32) / 255
+        soft_t = torch.from_numpy(soft_np)
+        del soft_np
+    res = refine_panoptic(
+        ctx.refiner, _image_tensor(image), torch.from_numpy(coarse_ids), coarse_segments,
+        ctx.options, isthing=isthing, soft=soft_t,
+    )
+    del soft_t
+    fused, fused_segments, refined = res.ids.numpy(), res.segments_info, res.refined
     refined_png = os.path.join(ctx.layout.dir("refined_panoptic"), png)
     write_panoptic_png(refined_png, fused)
     record["refined_png"] = os.path.abspath(refined_png)
@@ -378,16 +395,14 @@ def process_big(ctx: ProcessContext, dataset: BigSet, item: ImageItem) -> dict:
                 f"{what} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "
                 f"{shape[1]}x{shape[0]}"
             )
-    refined = refine_masks(
-        ctx.refiner, image, (coarse.astype(np.float32) / 255)[None], ctx.settings
+    soft = torch.from_numpy(coarse.astype(np.float32) / 255)[None]
+    # The official BIG rule: the refined mask replaces the coarse one (never exclusive).
+    res = refine_instances(
+        ctx.refiner, _image_tensor(image), soft > 0.5,
+        dataclasses.replace(ctx.options, exclusive=False), soft=soft,
     )
-    if refined:
-        seg = refined[0]
-        out = np.zeros(shape, np.uint8)
-        x0, y0, x1, y1 = seg.box
-        out[y0:y1, x0:x1] = (seg.prob.numpy() > 0.5).astype(np.uint8) * 255
-    else:
-        out = coarse
+    refined = res.refined
+    out = res.masks[0].numpy().astype(np.uint8) * 255 if refined else coarse
     answer = apply_empty_coarse_rule(coarse, out)
     used_refined = bool(refined) and answer is out
     refined_png = os.path.join(ctx.layout.dir("refined"), f"{item.image_id}_refined.png")

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..distributed import DistInfo
@@ -23,13 +23,14 @@ from ..distributed import init_distributed as _init_distributed
 from ..inference import CRMRefiner
 from ..io import image_size
 from ..memory import check_memory
+from ..options import CRM_EVAL_DEFAULTS, RefineOptions
+from ..pipeline import reduced_size
 from ..refiners import Refiner
 from .coarse import CoarseSpec
 from .datasets import ImageItem
 from .formats import EvalFormat
 from .process import ProcessContext
 from .records import ImageRecord, OutputLayout, RecordStore
-from .refine import RefineSettings, reduced_size
 from .report import (
     RANDOM_WEIGHTS_WARNING,
     format_table,
@@ -45,6 +46,9 @@ __all__ = ["DistInfo", "EvalConfig", "init_distributed", "run_evaluation"]
 logger = logging.getLogger(__name__)
 
 DIST_TIMEOUT = datetime.timedelta(hours=24)  # the barrier waits for the slowest shard
+
+
+_FUSION_KEYS = ("stuff_factor", "init_confidence", "exclusive", "void_id", "score_reweight")
 
 
 @dataclass
@@ -70,7 +74,7 @@ class EvalConfig:
     coarse: CoarseSpec | None = None
     soft_coarse: bool = False
     limit: int | None = None
-    settings: RefineSettings = field(default_factory=RefineSettings)
+    settings: RefineOptions = CRM_EVAL_DEFAULTS
     overlays: int = 8
     overwrite: bool = False
     quiet: bool = False
@@ -94,7 +98,7 @@ class EvalConfig:
 
     def settings_record(self, refiner: Refiner) -> dict[str, Any]:
         """The settings that shape per-image results (stored with the cache)."""
-        roi = self.settings.roi
+        opts = self.settings
         inputs = [p for p in self.inputs.inputs() if p.path]
         paths = {p.name: os.path.abspath(p.path) for p in inputs}
         # What the files hold, not only their names: a changed ground truth, prediction or
@@ -115,10 +119,17 @@ class EvalConfig:
             "weights": self.weights,
             **_refiner_record(refiner, self.settings.scales),
             "random_weights": self.random_weights,
-            "expand_ratio": roi.expand_ratio,
-            "min_area": roi.min_area,
-            "size_multiple": roi.size_multiple,
-            "max_side": self.settings.max_side,
+            "expand_ratio": opts.expand_ratio,
+            "min_area": opts.min_area,
+            "size_multiple": opts.size_multiple,
+            "max_side": opts.max_side,
+            # The fusion options, only where they differ from crm-eval's defaults, so that the
+            # records cached before they could be set stay valid.
+            **{
+                k: getattr(opts, k)
+                for k in _FUSION_KEYS
+                if getattr(opts, k) != getattr(CRM_EVAL_DEFAULTS, k)
+            },
         }
 
 
@@ -344,7 +355,7 @@ def _evaluate(
             **settings,
             "limit": config.limit,
             "overlays": config.overlays,
-            "batch_size": config.settings.roi.batch_size,
+            "batch_size": config.settings.batch_size,
         },
         "outputs": outputs,
         "overlays": overlays,

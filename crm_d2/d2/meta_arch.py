@@ -20,6 +20,9 @@ submodule (its weights are not in the wrapper's ``state_dict``). The wrapper's `
 the inner model's with a ``model.`` prefix, and loading accepts the inner model's own checkpoints
 (keys without the prefix), so ``MODEL.WEIGHTS`` is the inner model's usual checkpoint.
 
+The refinement itself is :mod:`crm_d2.pipeline` (the same functions as ``crm-eval``); this
+module converts detectron2's output formats to and from its tensors.
+
 Shape shorthand: N instances, K panoptic segments, C semantic classes, H/W output size.
 """
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from detectron2.config import configurable
@@ -37,77 +40,23 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .fusion import (
-    RefinedSegment,
-    boxes_from_masks,
-    fuse_instances,
-    fuse_panoptic,
-    segment_areas,
-    segments_to_semantic,
-    semantic_to_segments,
-)
-from .refiners import Refiner, load_refiner, refiner_class
-from .segments import ROIOptions, refine_segments
-from .weights import default_weights_path
+from .. import pipeline
+from ..boxes import boxes_from_masks
+from ..fusion import RefinedSegment
+from ..refiners import Refiner, load_refiner, refiner_class
+from ..weights import default_weights_path
+from .config import CRMOptions
 
-__all__ = [
-    "CRMOptions",
-    "CRMRefinedModel",
-    "RefinementTiming",
-    "parse_exclusive",
-    "parse_void_id",
-    "resolve_crm_weights",
-]
+__all__ = ["CRMRefinedModel", "RefinementTiming", "resolve_crm_weights"]
 
 logger = logging.getLogger(__name__)
 
 INNER_KEY = "crm_inner"
-_TRUE = ("true", "yes", "1", "on")
-_FALSE = ("false", "no", "0", "off")
 
 
 # --------------------------------------------------------------------------------------------
-# Options
+# Weights and timing
 # --------------------------------------------------------------------------------------------
-def parse_exclusive(value) -> bool | None:
-    """``MODEL.CRM.EXCLUSIVE_INSTANCES`` -> True / False / None (auto).
-
-    Accepts None or "auto" (auto), bools, and the strings true/false/yes/no/1/0/on/off.
-    """
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low == "auto":
-            return None
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-    raise ValueError(
-        f"MODEL.CRM.EXCLUSIVE_INSTANCES must be 'auto' (or None), True or False; got {value!r}"
-    )
-
-
-def parse_void_id(value) -> int | None:
-    """``MODEL.CRM.VOID_ID`` -> 0, -1 or None (auto). Accepts ints, "0", "-1", "auto", None."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low == "auto":
-            return None
-        try:
-            value = int(low)
-        except ValueError:
-            value = low
-    if isinstance(value, int) and not isinstance(value, bool) and value in (0, -1):
-        return value
-    raise ValueError(f"MODEL.CRM.VOID_ID must be 'auto' (or None), 0 or -1; got {value!r}")
-
-
 def resolve_crm_weights(path: str) -> str:
     """The refiner checkpoint to load: ``path``, or the weights shipped with crm_d2 if empty."""
     if path:
@@ -121,69 +70,6 @@ def resolve_crm_weights(path: str) -> str:
             "tools/train_crm.py"
         )
     return shipped
-
-
-@dataclass(frozen=True)
-class CRMOptions:
-    """What :class:`CRMRefinedModel` refines and how (mirrors ``cfg.MODEL.CRM``).
-
-    Attributes:
-        roi: ROI expansion, minimum area and batching (:class:`crm_d2.segments.ROIOptions`).
-        scales: CRM input scales; None = the refiner's.
-        exact: run the authors' decoder arithmetic to the letter.
-        stuff_factor: multiplier of stuff probabilities in the panoptic fusion.
-        init_confidence: confidence of the inner model's labels in the fusion.
-        refine_instances / refine_panoptic / refine_semantic: which outputs to refine.
-        score_reweight: multiply refined instance scores by the mean refined probability
-            inside the new mask (0 for a mask that vanished).
-        eval_both: also return the inner output under ``"crm_inner"``.
-        reuse_instances: a panoptic thing segment with an ``instance_id`` whose instance was
-            refined takes that instance's refined probability (and ROI) instead of being
-            refined a second time.
-        exclusive: instance fusion mode; None = exclusive when the inner masks of an image do
-            not overlap (and there are at least two).
-        void_id: panoptic void id; None = -1 if some segment has id 0, else 0.
-    """
-
-    roi: ROIOptions = field(default_factory=ROIOptions)
-    scales: tuple[float, ...] | None = None
-    exact: bool = False
-    stuff_factor: float = 0.51
-    init_confidence: float = 0.5
-    refine_instances: bool = True
-    refine_panoptic: bool = True
-    refine_semantic: bool = False
-    score_reweight: bool = False
-    eval_both: bool = False
-    reuse_instances: bool = True
-    exclusive: bool | None = None
-    void_id: int | None = None
-
-    @classmethod
-    def from_config(cls, crm_cfg) -> CRMOptions:
-        """Build from the ``cfg.MODEL.CRM`` node."""
-        c = crm_cfg
-        return cls(
-            roi=ROIOptions(
-                expand_ratio=float(c.EXPAND_RATIO),
-                min_area=int(c.MIN_AREA),
-                batch_size=int(c.ROI_BATCH_SIZE),
-                size_multiple=int(c.ROI_SIZE_MULTIPLE),
-                min_roi_size=int(c.MIN_ROI_SIZE),
-            ),
-            scales=tuple(float(s) for s in c.SCALES) or None,
-            exact=bool(c.EXACT),
-            stuff_factor=float(c.STUFF_FACTOR),
-            init_confidence=float(c.INIT_CONFIDENCE),
-            refine_instances=bool(c.REFINE_INSTANCES),
-            refine_panoptic=bool(c.REFINE_PANOPTIC),
-            refine_semantic=bool(c.REFINE_SEMANTIC),
-            score_reweight=bool(c.SCORE_REWEIGHT),
-            eval_both=bool(c.EVAL_BOTH),
-            reuse_instances=bool(c.get("REUSE_INSTANCES", True)),
-            exclusive=parse_exclusive(c.EXCLUSIVE_INSTANCES),
-            void_id=parse_void_id(c.VOID_ID),
-        )
 
 
 @dataclass
@@ -316,7 +202,7 @@ class CRMRefinedModel(nn.Module):
 
         Args:
             batched_inputs: detectron2 inputs; ``"original_image"`` ((3, H, W) uint8 RGB at
-                ``height`` x ``width``, from :class:`crm_d2.d2_data.OriginalImageMapper`) is
+                ``height`` x ``width``, from :class:`crm_d2.d2.data.OriginalImageMapper`) is
                 used when present, otherwise ``"image"`` is converted to RGB and resized back to
                 ``height`` x ``width`` (a warning is logged once).
         """
@@ -364,8 +250,9 @@ class CRMRefinedModel(nn.Module):
         if opts.refine_instances and isinstance(output.get("instances"), Instances):
             result["instances"] = self._refine_instances(output["instances"], image, by_instance)
         if opts.refine_panoptic and output.get("panoptic_seg") is not None:
-            reuse = by_instance if opts.reuse_instances else {}
-            result["panoptic_seg"] = self._refine_panoptic(output["panoptic_seg"], image, reuse)
+            result["panoptic_seg"] = self._refine_panoptic(
+                output["panoptic_seg"], image, by_instance
+            )
         if opts.refine_semantic and isinstance(output.get("sem_seg"), Tensor):
             result["sem_seg"] = self._refine_semantic(output["sem_seg"], image)
         return result
@@ -399,7 +286,7 @@ class CRMRefinedModel(nn.Module):
                     "resize",
                     "CRM refines on the network input resized back to the original size "
                     f"({tuple(img.shape[-2:])} -> {(height, width)}): use "
-                    "crm_d2.d2_data.OriginalImageMapper to refine on the original pixels",
+                    "crm_d2.d2.data.OriginalImageMapper to refine on the original pixels",
                 )
             img = _resize_image(img, (height, width))
         return img.to(self.refiner.device)
@@ -421,45 +308,34 @@ class CRMRefinedModel(nn.Module):
                 "BitMasks or tensors",
             )
             return instances
-        crm_input = raw if isinstance(raw, Tensor) and raw.dtype.is_floating_point else masks
-        crm_input = crm_input.clamp(0, 1) if crm_input.dtype.is_floating_point else crm_input
-        refined = refine_segments(
+        soft = raw.clamp(0, 1) if isinstance(raw, Tensor) and raw.dtype.is_floating_point else None
+        scores = instances.scores if instances.has("scores") else None
+        res = pipeline.refine_instances(
             self.refiner,
             self._image_for(image, masks.shape[-2:]),
-            crm_input,
-            self.options.roi,
-            scales=self.options.scales,
-            exact=self.options.exact,
+            masks,
+            self.options,
+            soft=soft,
+            scores=scores,
         )
         if by_instance is not None:
-            by_instance.update({seg.segment_id: seg for seg in refined})
-        if not refined:
+            by_instance.update({seg.segment_id: seg for seg in res.refined})
+        if not res.refined:
             return instances
-        exclusive = self._exclusive(masks)
-        new_masks = fuse_instances(
-            masks, refined, exclusive=exclusive, init_confidence=self.options.init_confidence
-        )
         out = Instances(instances.image_size)
         for name, value in instances.get_fields().items():
             out.set(name, value)
-        out.pred_masks = _masks_like(raw, new_masks)
-        changed = (new_masks != masks).flatten(1).any(dim=1)
+        out.pred_masks = _masks_like(raw, res.masks)
+        changed = res.changed
         if instances.has("pred_boxes") and bool(changed.any()):
             old = instances.pred_boxes
             boxes = old.tensor.clone()
-            derived = boxes_from_masks(new_masks).to(boxes)
+            derived = boxes_from_masks(res.masks).to(boxes)
             boxes[changed.to(boxes.device)] = derived[changed.to(boxes.device)]
             out.pred_boxes = type(old)(boxes) if isinstance(old, Boxes) else Boxes(boxes)
-        if self.options.score_reweight and instances.has("scores"):
-            out.scores = instances.scores * _mean_refined_prob(refined, new_masks).to(
-                instances.scores
-            )
+        if self.options.score_reweight and scores is not None:
+            out.scores = res.scores
         return out
-
-    def _exclusive(self, masks: Tensor) -> bool:
-        if self.options.exclusive is not None:
-            return self.options.exclusive
-        return masks.shape[0] >= 2 and not bool((masks.sum(dim=0) > 1).any())
 
     # ---------------------------------------------------------------- panoptic
     def _refine_panoptic(self, panoptic, image: Tensor, reuse: Mapping | None = None):
@@ -472,89 +348,26 @@ class CRMRefinedModel(nn.Module):
             return panoptic
         if len(segments_info) == 0:
             return ids, [dict(s) for s in segments_info]
-        void_id = self.options.void_id
-        if void_id is None:
-            void_id = -1 if any(int(s["id"]) == 0 for s in segments_info) else 0
-        areas = segment_areas(ids, segments_info)
-        chosen = [s for s in segments_info if areas[int(s["id"])] > self.options.roi.min_area]
-        refined: list[RefinedSegment] = []
-        if reuse:
-            kept = []
-            for s in chosen:
-                inst = s.get("instance_id") if s.get("isthing", True) else None
-                seg = reuse.get(int(inst)) if inst is not None else None
-                if seg is None:
-                    kept.append(s)
-                else:
-                    refined.append(RefinedSegment(int(s["id"]), seg.prob, seg.box, True))
-            logger.debug("panoptic: %d thing segments reuse their instance's refinement",
-                         len(chosen) - len(kept))
-            chosen = kept
-        if chosen:
-            masks = torch.stack([ids == int(s["id"]) for s in chosen])
-            isthing = [bool(s.get("isthing", True)) for s in chosen]
-            new = refine_segments(
-                self.refiner,
-                self._image_for(image, ids.shape[-2:]),
-                masks,
-                self.options.roi,
-                isthing=isthing,
-                scales=self.options.scales,
-                exact=self.options.exact,
-            )
-            for seg in new:
-                seg.segment_id = int(chosen[seg.segment_id]["id"])
-            refined += new
-        fused = fuse_panoptic(
+        res = pipeline.refine_panoptic(
+            self.refiner,
+            self._image_for(image, ids.shape[-2:]),
             ids,
             segments_info,
-            refined,
-            stuff_factor=self.options.stuff_factor,
-            init_confidence=self.options.init_confidence,
-            void_id=void_id,
+            self.options,
+            reuse=reuse,
         )
+        fused = (res.ids, res.segments_info)
         return list(fused) if isinstance(panoptic, list) else fused
 
     # ---------------------------------------------------------------- semantic
     def _refine_semantic(self, sem_seg: Tensor, image: Tensor) -> Tensor:
-        """Refine each large connected component of the argmax; keep the (C, H, W) format.
-
-        Where the label changes, the scores of the old and the new label are swapped, so the
-        argmax of the result is the refined label map (up to exact ties) and every pixel's score
-        vector stays a permutation of the inner one.
-        """
+        """Refine each large connected component of the argmax; keep the (C, H, W) format
+        (:func:`crm_d2.pipeline.refine_semantic`)."""
         if sem_seg.dim() != 3:
             raise ValueError(f"sem_seg must be (C, H, W), got {tuple(sem_seg.shape)}")
-        labels = sem_seg.argmax(dim=0)
-        comp, comp_info = semantic_to_segments(
-            labels, ignore_label=-1, min_area=self.options.roi.min_area
+        return pipeline.refine_semantic(
+            self.refiner, self._image_for(image, sem_seg.shape[-2:]), sem_seg, self.options
         )
-        chosen = [s for s in comp_info if s["refine"]]
-        if not chosen:
-            return sem_seg
-        masks = torch.stack([comp == s["id"] for s in chosen])
-        refined = refine_segments(
-            self.refiner,
-            self._image_for(image, labels.shape),
-            masks,
-            self.options.roi,
-            scales=self.options.scales,
-            exact=self.options.exact,
-        )
-        for seg in refined:
-            seg.segment_id = int(chosen[seg.segment_id]["id"])
-        fused, fused_info = fuse_panoptic(
-            comp, comp_info, refined, init_confidence=self.options.init_confidence, void_id=0
-        )
-        new_labels = segments_to_semantic(fused, fused_info, ignore_label=-1)
-        new_labels = torch.where(new_labels < 0, labels, new_labels)
-        changed = new_labels != labels
-        old_v = sem_seg.gather(0, labels[None])[0]
-        new_v = sem_seg.gather(0, new_labels[None])[0]
-        out = sem_seg.clone()
-        out.scatter_(0, labels[None], torch.where(changed, new_v, old_v)[None])
-        out.scatter_(0, new_labels[None], torch.where(changed, old_v, new_v)[None])
-        return out
 
     # ---------------------------------------------------------------- helpers
     def _image_for(self, image: Tensor, size: Sequence[int]) -> Tensor:
@@ -624,12 +437,3 @@ def _masks_like(raw, masks: Tensor):
         return BitMasks(masks.to(raw.tensor.device))
     return masks.to(device=raw.device, dtype=raw.dtype)
 
-
-def _mean_refined_prob(refined: Sequence[RefinedSegment], masks: Tensor) -> Tensor:
-    """(N,) mean refined probability inside each new mask; 1 for unrefined, 0 if emptied."""
-    factor = torch.ones(masks.shape[0], dtype=torch.float32)
-    for seg in refined:
-        x0, y0, x1, y1 = seg.box
-        inside = masks[seg.segment_id, y0:y1, x0:x1].to(seg.prob.device)
-        factor[seg.segment_id] = float(seg.prob[inside].mean()) if bool(inside.any()) else 0.0
-    return factor

@@ -1,4 +1,4 @@
-"""detectron2 data and evaluation glue of crm_d2 (needs detectron2).
+"""detectron2 data glue of crm_d2 (needs detectron2).
 
 - :class:`OriginalImageMapper`: wraps a test mapper and keeps the original-resolution pixels
   (``"original_image"``) when the test resize changes the image size, so that CRM refines on
@@ -7,22 +7,20 @@
   + panoptic JSON) and :func:`register_coco_instance_folder` (images + COCO instance JSON).
   Files a panoptic folder lacks for some evaluators are derived from its panoptic PNGs into a
   cache folder by :func:`prepare_dataset_files`: a COCO instance JSON of the things (mask AP),
-  a COCO JSON of all segments (entity AP) and, for the "separated" convention, the semantic
-  PNGs (things = 0, stuff = 1..S, void = 255; Panoptic FPN's sem_seg classes).
-- Evaluators: :class:`EntityAPEvaluator` (class-agnostic COCO mask AP, EntitySeg's "entity AP")
-  and :class:`BeforeAfterEvaluator`, which feeds the inner model's outputs (``"crm_inner"``)
-  to one evaluator and the refined outputs to another and logs both with their difference.
+  a COCO JSON of all segments (entity AP, :func:`entity_gt_json`) and, for the "separated"
+  convention, the semantic PNGs (things = 0, stuff = 1..S, void = 255; Panoptic FPN's sem_seg
+  classes).
+
+The evaluators are in :mod:`crm_d2.d2.evaluators`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,24 +29,15 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.detection_utils import read_image
-from detectron2.evaluation import DatasetEvaluator
-from detectron2.structures import BitMasks
-from detectron2.utils import comm
-from tabulate import tabulate
 
-from .evaluation import coco_mask_ap, read_panoptic_png
-from .io import save_image, write_json
-from .meta_arch import INNER_KEY
+from ..evaluation import read_panoptic_png
+from ..io import save_image, write_json
 from .simulator import ANNOTATIONS_KEY
 
 __all__ = [
-    "BeforeAfterEvaluator",
-    "EntityAPEvaluator",
     "OriginalImageMapper",
-    "before_after_results",
     "derive_panoptic_annotations",
     "entity_gt_json",
-    "format_before_after",
     "load_coco_panoptic_folder",
     "panoptic_metadata",
     "prepare_dataset_files",
@@ -70,7 +59,7 @@ class OriginalImageMapper:
     Calls ``mapper(dataset_dict)`` and, when the network image (``out["image"]``, (C, h, w))
     differs in size from ``(out["height"], out["width"])``, reads ``out["file_name"]`` again
     in RGB and stores it as ``out["original_image"]``: a (3, H, W) uint8 tensor.
-    :class:`crm_d2.meta_arch.CRMRefinedModel` refines on it; other models ignore the key.
+    :class:`crm_d2.d2.meta_arch.CRMRefinedModel` refines on it; other models ignore the key.
     """
 
     def __init__(
@@ -81,7 +70,7 @@ class OriginalImageMapper:
             mapper: the test-time mapper (e.g. ``DatasetMapper(cfg, is_train=False)``).
             keep_annotations: also pass the dataset dict's ``annotations`` (which
                 detectron2's test mapper drops) as ``out["crm_gt_annotations"]``, for the
-                simulated inner model :class:`crm_d2.simulator.CoarseGTSimulator`.
+                simulated inner model :class:`crm_d2.d2.simulator.CoarseGTSimulator`.
         """
         self.mapper = mapper
         self.keep_annotations = keep_annotations
@@ -304,8 +293,9 @@ def derive_panoptic_annotations(
         ("entities", entities, cats),
     ):
         write_json(paths[key], {**base, "categories": categories, "annotations": anns})
-    write_json(os.path.join(out_dir, _DONE), {"panoptic_json": os.path.abspath(panoptic_json),
-                                              **paths})
+    write_json(
+        os.path.join(out_dir, _DONE), {"panoptic_json": os.path.abspath(panoptic_json), **paths}
+    )
     logger.info(
         "derived %d thing and %d entity annotations of %d images into %s",
         len(instances),
@@ -447,164 +437,3 @@ def entity_gt_json(dataset_name: str, cache_dir: str) -> str:
         f"dataset {dataset_name!r} has neither panoptic annotations nor a COCO json_file: "
         "entity AP needs one"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluators
-# --------------------------------------------------------------------------------------------
-def _instance_masks_numpy(instances) -> np.ndarray:
-    masks = instances.pred_masks
-    if isinstance(masks, BitMasks):
-        masks = masks.tensor
-    if isinstance(masks, torch.Tensor):
-        if masks.dtype.is_floating_point:
-            masks = masks > 0.5
-        return masks.bool().cpu().numpy()
-    return np.zeros((0, *instances.image_size), dtype=bool)
-
-
-class EntityAPEvaluator(DatasetEvaluator):
-    """Class-agnostic COCO mask AP ("entity AP", EntitySeg) of ``output["instances"]``.
-
-    Every prediction and every ground-truth segment count as one category
-    (:func:`crm_d2.evaluation.coco_mask_ap` with ``class_agnostic=True``). Results go under the
-    task ``"entity_segm"``.
-    """
-
-    def __init__(self, gt_json: str, distributed: bool = True) -> None:
-        self._gt_json = gt_json
-        self._distributed = distributed
-        self._results: list[dict] = []
-
-    def reset(self) -> None:
-        self._results = []
-
-    def process(self, inputs, outputs) -> None:
-        from pycocotools import mask as mask_util
-
-        for inp, out in zip(inputs, outputs, strict=True):
-            if "instances" not in out:
-                continue
-            instances = out["instances"]
-            if len(instances) == 0:
-                continue
-            masks = _instance_masks_numpy(instances)
-            scores = instances.scores.detach().cpu().tolist()
-            for mask, score in zip(masks, scores, strict=True):
-                rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
-                self._results.append(
-                    {
-                        "image_id": inp["image_id"],
-                        "category_id": 1,
-                        "segmentation": rle,
-                        "score": float(score),
-                    }
-                )
-
-    def evaluate(self):
-        results = self._results
-        if self._distributed:
-            comm.synchronize()
-            results = list(itertools.chain(*comm.gather(results, dst=0)))
-            if not comm.is_main_process():
-                return None
-        metrics = coco_mask_ap(self._gt_json, results, class_agnostic=True)
-        return OrderedDict({"entity_segm": metrics})
-
-
-def _copy_for_evaluation(output: Mapping) -> dict:
-    """Copy one output dict so that evaluators that edit it (COCOPanopticEvaluator pops
-    ``isthing`` from segments_info entries) cannot affect the other evaluation."""
-    out = {k: v for k, v in output.items() if k != INNER_KEY}
-    pan = out.get("panoptic_seg")
-    if pan is not None and pan[1] is not None:
-        out["panoptic_seg"] = (pan[0], [dict(s) for s in pan[1]])
-    return out
-
-
-def _numeric_items(metrics: Mapping) -> dict[str, float]:
-    # As detectron2's print_csv_format: per-category metrics ("AP-person") are left out.
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if "-" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-
-
-def before_after_results(inner: Mapping, refined: Mapping) -> OrderedDict:
-    """Merge two detectron2 result dicts: refined under its task names, the inner results
-    under ``"inner/<task>"`` and ``refined - inner`` under ``"delta/<task>"``."""
-    merged: OrderedDict = OrderedDict()
-    for task, res in refined.items():
-        merged[task] = res
-    for task, res in inner.items():
-        merged[f"inner/{task}"] = res
-    for task in refined:
-        if task in inner and isinstance(refined[task], Mapping):
-            a, b = _numeric_items(inner[task]), _numeric_items(refined[task])
-            merged[f"delta/{task}"] = {k: b[k] - a[k] for k in b if k in a}
-    return merged
-
-
-def format_before_after(inner: Mapping, refined: Mapping) -> str:
-    """Tables of the inner and refined metrics and their difference, one per task.
-
-    Each table has the columns ``metric | inner | refined | delta``; the title line is
-    ``CRM before/after: <task>``.
-    """
-    parts = []
-    for task in refined:
-        if task not in inner or not isinstance(refined[task], Mapping):
-            continue
-        a, b = _numeric_items(inner[task]), _numeric_items(refined[task])
-        rows = [[k, a[k], b[k], b[k] - a[k]] for k in b if k in a]
-        table = tabulate(
-            rows,
-            headers=["metric", "inner", "refined", "delta"],
-            tablefmt="pipe",
-            floatfmt=".3f",
-        )
-        parts.append(f"CRM before/after: {task}\n{table}")
-    return "\n".join(parts)
-
-
-class BeforeAfterEvaluator(DatasetEvaluator):
-    """Evaluate the inner model's and the refined outputs of one inference pass.
-
-    The model must return the inner output under ``"crm_inner"`` (``MODEL.CRM.EVAL_BOTH``).
-    ``inner`` receives those, ``refined`` the refined outputs (each a copy, see
-    :func:`_copy_for_evaluation`). :meth:`evaluate` logs both evaluators' own tables, then a
-    before/after table per task, and returns :func:`before_after_results`.
-    """
-
-    def __init__(self, inner: DatasetEvaluator, refined: DatasetEvaluator) -> None:
-        self.inner = inner
-        self.refined = refined
-
-    def reset(self) -> None:
-        self.inner.reset()
-        self.refined.reset()
-
-    def process(self, inputs, outputs) -> None:
-        inner_outputs, refined_outputs = [], []
-        for out in outputs:
-            if INNER_KEY not in out:
-                raise ValueError(
-                    f"model output has no {INNER_KEY!r}: set MODEL.CRM.EVAL_BOTH True to "
-                    "evaluate the inner model and the refined outputs in one run"
-                )
-            inner_outputs.append(_copy_for_evaluation(out[INNER_KEY]))
-            refined_outputs.append(_copy_for_evaluation(out))
-        self.inner.process(inputs, inner_outputs)
-        self.refined.process(inputs, refined_outputs)
-
-    def evaluate(self):
-        logger.info("Evaluating the inner model's outputs (before CRM)")
-        inner = self.inner.evaluate()
-        logger.info("Evaluating the CRM-refined outputs")
-        refined = self.refined.evaluate()
-        if not comm.is_main_process() or inner is None or refined is None:
-            return None
-        logger.info("CRM before/after results:\n%s", format_before_after(inner, refined))
-        return before_after_results(inner, refined)

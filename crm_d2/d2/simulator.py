@@ -6,17 +6,17 @@ detectron2 weights, it returns, for every input image, its own ground truth degr
 :func:`~crm_d2.tool.coarse.render_panoptic` with ``MODEL.CRM.SIMULATOR_COARSE``, default
 ``stride8_binary``: each mask rendered at 1/8 resolution, upsampled and thresholded, the
 binary mask of a stride-8 network; ``maskrcnn``: Mask R-CNN style, the mask in its box at 28 x 28,
-pasted back and thresholded). Wrapped in :class:`crm_d2.meta_arch.CRMRefinedModel`, one
+pasted back and thresholded). Wrapped in :class:`crm_d2.d2.meta_arch.CRMRefinedModel`, one
 ``tools/train_net.py --eval-only`` run then shows real before/after numbers through the whole
 detectron2 path (data loader, meta-architecture, fusion, detectron2's evaluators), equal to
 ``crm-eval --coarse-from-gt`` on the same data.
 
 Inputs: the ground truth must be in the batched inputs:
 
-- COCO panoptic dataset dicts (:func:`crm_d2.d2_data.load_coco_panoptic_folder`) keep
+- COCO panoptic dataset dicts (:func:`crm_d2.d2.data.load_coco_panoptic_folder`) keep
   ``pan_seg_file_name`` and ``segments_info`` through detectron2's test mapper;
 - COCO instance dicts lose ``annotations`` in the test mapper: build the test loader with
-  :class:`crm_d2.d2_data.OriginalImageMapper` ``(keep_annotations=True)`` (``tools/train_net.py``
+  :class:`crm_d2.d2.data.OriginalImageMapper` ``(keep_annotations=True)`` (``tools/train_net.py``
   does so for this architecture).
 
 Outputs (at ``height`` x ``width``): ``"instances"`` (the non-crowd thing objects: bool
@@ -38,16 +38,16 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
-from .evaluation.panoptic import read_panoptic_png
-from .fusion import boxes_from_masks
-from .tool.coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
-from .tool.datasets import decode_segmentation
+from ..boxes import boxes_from_masks
+from ..evaluation.panoptic import read_panoptic_png
+from ..tool.coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
+from ..tool.datasets import decode_segmentation
 
 __all__ = ["ANNOTATIONS_KEY", "CoarseGTSimulator"]
 
 logger = logging.getLogger(__name__)
 
-#: Where :class:`crm_d2.d2_data.OriginalImageMapper` ``(keep_annotations=True)`` puts the
+#: Where :class:`crm_d2.d2.data.OriginalImageMapper` ``(keep_annotations=True)`` puts the
 #: dataset dict's ``annotations`` (detectron2's test mapper drops the original key).
 ANNOTATIONS_KEY = "crm_gt_annotations"
 
@@ -122,7 +122,7 @@ class CoarseGTSimulator(nn.Module):
             raise ValueError(
                 "CoarseGTSimulator needs the ground truth in its inputs: 'pan_seg_file_name' + "
                 f"'segments_info' (COCO panoptic dataset dicts) or {ANNOTATIONS_KEY!r} (COCO "
-                "instance dicts through crm_d2.d2_data.OriginalImageMapper(keep_annotations="
+                "instance dicts through crm_d2.d2.data.OriginalImageMapper(keep_annotations="
                 "True)); tools/train_net.py sets this up"
             )
         instances = Instances((height, width))
