@@ -101,6 +101,6 @@ class RefineOptions:
             raise ValueError(f"void_id must be None (auto), 0 or -1, got {self.void_id!r}")
 
 
-#: The defaults of ``crm-eval`` (:mod:`crm_d2.cli.eval`, :class:`crm_d2.tool.EvalConfig`): instance
-#: masks are fused non-exclusively (each refined mask replaces its input inside its ROI).
+#: The defaults of ``crm-eval`` (:mod:`crm_d2.cli.eval`, :class:`crm_d2.crm_eval.EvalConfig`):
+#: instance masks are fused non-exclusively (each refined mask replaces its input inside its ROI).
 CRM_EVAL_DEFAULTS = RefineOptions(exclusive=False)

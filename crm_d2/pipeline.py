@@ -2,7 +2,7 @@
 
 The one implementation behind both front-ends: the detectron2 meta-architecture
 (:class:`crm_d2.d2.meta_arch.CRMRefinedModel`, on the model's device) and ``crm-eval``
-(:mod:`crm_d2.tool.process`, on the CPU side). No detectron2.
+(:mod:`crm_d2.crm_eval.process`, on the CPU side). No detectron2.
 
 - :func:`refine_masks`: the masks large enough (``area > min_area`` of their ``> 0.5`` part, at
   the original resolution; :func:`select_large`, the only place of that rule) are refined on

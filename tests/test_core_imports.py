@@ -17,7 +17,7 @@ sys.meta_path.insert(0, _Block())
 CORE = [
     "crm_d2", "crm_d2.fusion", "crm_d2.segments", "crm_d2.visualize", "crm_d2.evaluation",
     "crm_d2.training.trainer", "crm_d2.training.sources", "crm_d2.cli.refine", "crm_d2.cli.eval",
-    "crm_d2.tool", "crm_d2.options", "crm_d2.boxes", "crm_d2.pipeline",
+    "crm_d2.crm_eval", "crm_d2.options", "crm_d2.boxes", "crm_d2.pipeline",
 ]
 
 

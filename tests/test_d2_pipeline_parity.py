@@ -23,15 +23,15 @@ from torch import nn  # noqa: E402
 
 from crm_d2 import CRMNet, CRMRefiner  # noqa: E402
 from crm_d2.boxes import boxes_from_masks  # noqa: E402
+from crm_d2.crm_eval.datasets import ImageItem, decode_segmentation  # noqa: E402
+from crm_d2.crm_eval.matching import rle_encode  # noqa: E402
+from crm_d2.crm_eval.process import ProcessContext, process_instances, process_panoptic  # noqa: E402
+from crm_d2.crm_eval.records import OutputLayout  # noqa: E402
 from crm_d2.d2.config import CRMOptions  # noqa: E402
 from crm_d2.d2.meta_arch import CRMRefinedModel  # noqa: E402
 from crm_d2.evaluation import read_panoptic_png  # noqa: E402
 from crm_d2.modeling.crm import TINY_ARCH  # noqa: E402
 from crm_d2.options import CRM_EVAL_DEFAULTS  # noqa: E402
-from crm_d2.tool.datasets import ImageItem, decode_segmentation  # noqa: E402
-from crm_d2.tool.matching import rle_encode  # noqa: E402
-from crm_d2.tool.process import ProcessContext, process_instances, process_panoptic  # noqa: E402
-from crm_d2.tool.records import OutputLayout  # noqa: E402
 
 H, W = 72, 100
 

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from test_d2_train_net import REPO, require_panopticapi, run_train_net  # noqa: E402
 
 from crm_d2.cli import eval as crm_eval  # noqa: E402
+from crm_d2.crm_eval.coarse import CoarseSpec  # noqa: E402
 from crm_d2.d2.simulator import ANNOTATIONS_KEY, CoarseGTSimulator  # noqa: E402
-from crm_d2.tool.coarse import CoarseSpec  # noqa: E402
 
 SIMULATOR = str(REPO / "configs" / "coarse_gt_simulator_crm.yaml")
 FAST = ["MODEL.CRM.SCALES", "(0.5,)"]  # one half-resolution pass: cheap, same code path

@@ -14,9 +14,9 @@ import torch
 from test_eval_tool import coco_args, make_coco, read_report
 
 from crm_d2.cli import eval as cli
+from crm_d2.crm_eval.datasets import rle_counts, rle_problem
+from crm_d2.crm_eval.matching import rle_encode
 from crm_d2.evaluation.panoptic import write_panoptic_png
-from crm_d2.tool.datasets import rle_counts, rle_problem
-from crm_d2.tool.matching import rle_encode
 
 
 @pytest.fixture()

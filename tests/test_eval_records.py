@@ -10,12 +10,12 @@ import pytest
 from test_eval_tool import coco_args, make_coco, read_report
 
 from crm_d2.cli import eval as cli
+from crm_d2.crm_eval import BigFormat, CoarseSpec, EvalConfig, InstancesFormat, PanopticFormat
+from crm_d2.crm_eval.formats.big import BigPayload
+from crm_d2.crm_eval.formats.instances import InstancesPayload
+from crm_d2.crm_eval.formats.panoptic import PanopticPayload
+from crm_d2.crm_eval.records import ImageRecord, ObjectRecord, OutputLayout, RecordStore
 from crm_d2.evaluation.binary import ObjectScores
-from crm_d2.tool import BigFormat, CoarseSpec, EvalConfig, InstancesFormat, PanopticFormat
-from crm_d2.tool.formats.big import BigPayload
-from crm_d2.tool.formats.instances import InstancesPayload
-from crm_d2.tool.formats.panoptic import PanopticPayload
-from crm_d2.tool.records import ImageRecord, ObjectRecord, OutputLayout, RecordStore
 
 SCORES = {"intersection": 3, "union": 5, "iou": 0.6, "boundary_iou": 0.5}
 

@@ -20,6 +20,11 @@ from pycocotools import mask as mask_utils
 
 from crm_d2.cli import eval as cli
 from crm_d2.coarse import render_stride
+from crm_d2.crm_eval import CoarseSpec
+from crm_d2.crm_eval.as_panoptic import combine_instances, paint_by_area
+from crm_d2.crm_eval.coarse import paint_soft_segments
+from crm_d2.crm_eval.datasets import decode_segmentation
+from crm_d2.crm_eval.matching import match_instances, match_panoptic
 from crm_d2.evaluation import BinaryMetrics, coco_mask_ap, pq_compute
 from crm_d2.evaluation.binary import iou
 from crm_d2.evaluation.panoptic import boundary_pq, read_panoptic_png, write_panoptic_png
@@ -27,11 +32,6 @@ from crm_d2.fusion import RefinedSegment
 from crm_d2.modeling.crm import TINY_ARCH
 from crm_d2.options import RefineOptions
 from crm_d2.pipeline import refine_masks
-from crm_d2.tool import CoarseSpec
-from crm_d2.tool.as_panoptic import combine_instances, paint_by_area
-from crm_d2.tool.coarse import paint_soft_segments
-from crm_d2.tool.datasets import decode_segmentation
-from crm_d2.tool.matching import match_instances, match_panoptic
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TINY_ARCH

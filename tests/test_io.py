@@ -64,7 +64,7 @@ def test_every_mask_reader_reads_a_palette_mask_like_its_gray_twin(tmp_path):
     import runpy
     from pathlib import Path
 
-    from crm_d2.tool.report import big_masks
+    from crm_d2.crm_eval.report import big_masks
     from crm_d2.training.datasets import CRMTrainDataset, ImageMaskPairs
 
     m = _object()

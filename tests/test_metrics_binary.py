@@ -231,10 +231,10 @@ def test_one_aggregator_and_nan_rule_for_every_set_summary():
     agree: a constant ground truth (undefined mBA) is left out of the set's mBA and counted."""
     import dataclasses
 
+    from crm_d2.crm_eval.records import ObjectRecord
+    from crm_d2.crm_eval.report import big_summary, object_summary
     from crm_d2.evaluation.aggregate import summarize_objects
     from crm_d2.evaluation.binary import object_scores
-    from crm_d2.tool.records import ObjectRecord
-    from crm_d2.tool.report import big_summary, object_summary
 
     gt = [square(20, 20, 40), square(10, 10, 30), np.ones((100, 100), bool)]
     pred = [square(20, 21, 40), square(10, 10, 30), square(0, 0, 90)]

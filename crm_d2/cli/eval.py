@@ -221,7 +221,7 @@ def _fail(message: str) -> SystemExit:
 
 def _inputs(args: argparse.Namespace):
     """The input format of the options (the one place that chooses it)."""
-    from crm_d2.tool.formats import BigFormat, InstancesFormat, PanopticFormat
+    from crm_d2.crm_eval.formats import BigFormat, InstancesFormat, PanopticFormat
 
     if not args.big and not args.images:
         raise _fail("--images DIR is needed with --coco-instances / --coco-panoptic")
@@ -270,7 +270,7 @@ def _inputs(args: argparse.Namespace):
 def _config(args: argparse.Namespace):
     import dataclasses
 
-    from crm_d2.tool import CoarseSpec, EvalConfig
+    from crm_d2.crm_eval import CoarseSpec, EvalConfig
 
     inputs = _inputs(args)
     try:
@@ -391,10 +391,10 @@ def _refiner(args: argparse.Namespace, device: str):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from crm_d2.crm_eval import init_distributed, run_evaluation
+    from crm_d2.crm_eval.records import SettingsMismatch
+    from crm_d2.crm_eval.report import timing_line
     from crm_d2.io import check_output_dir
-    from crm_d2.tool import init_distributed, run_evaluation
-    from crm_d2.tool.records import SettingsMismatch
-    from crm_d2.tool.report import timing_line
 
     try:
         dist, device = init_distributed(args.device)

@@ -2,8 +2,8 @@
 
 It is not a segmentation model. For demos and tests of the detectron2 path without trained
 detectron2 weights, it returns, for every input image, its own ground truth degraded the way
-``crm-eval --coarse-from-gt`` degrades it (:func:`crm_d2.tool.coarse.render_instances` /
-:func:`~crm_d2.tool.coarse.render_panoptic` with ``MODEL.CRM.SIMULATOR_COARSE``, default
+``crm-eval --coarse-from-gt`` degrades it (:func:`crm_d2.crm_eval.coarse.render_instances` /
+:func:`~crm_d2.crm_eval.coarse.render_panoptic` with ``MODEL.CRM.SIMULATOR_COARSE``, default
 ``stride8_binary``: each mask rendered at 1/8 resolution, upsampled and thresholded, the
 binary mask of a stride-8 network; ``maskrcnn``: Mask R-CNN style, the mask in its box at 28 x 28,
 pasted back and thresholded). Wrapped in :class:`crm_d2.d2.meta_arch.CRMRefinedModel`, one
@@ -39,9 +39,9 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from ..boxes import boxes_from_masks
+from ..crm_eval.coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
+from ..crm_eval.datasets import decode_segmentation
 from ..evaluation.panoptic import read_panoptic_png
-from ..tool.coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
-from ..tool.datasets import decode_segmentation
 
 __all__ = ["ANNOTATIONS_KEY", "CoarseGTSimulator"]
 

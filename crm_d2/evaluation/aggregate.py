@@ -3,7 +3,7 @@
 Every set number of the project comes from :func:`summarize_objects`: the BIG evaluation
 (:class:`~crm_d2.evaluation.binary.BinaryMetrics`), the training validation
 (:func:`crm_d2.training.validation.validate`), crm-eval's per-object and BIG summaries
-(``crm_d2/tool/report.py``) and the held-out evaluation (``tools/eval_crm_heldout.py``).
+(``crm_d2/crm_eval/report.py``) and the held-out evaluation (``tools/eval_crm_heldout.py``).
 
 The NaN rule (one rule for every metric and every caller):
 

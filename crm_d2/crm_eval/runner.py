@@ -84,7 +84,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, EvalFormat):
             raise TypeError(
-                f"inputs must be an EvalFormat (crm_d2.tool.formats), got {type(self.inputs)}"
+                f"inputs must be an EvalFormat (crm_d2.crm_eval.formats), got {type(self.inputs)}"
             )
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
