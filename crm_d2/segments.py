@@ -44,7 +44,9 @@ class ROIOptions:
         canonical_sizes: cross-size batching: each ROI side grows (adding context, clipped at
             the image border) to the smallest of these sizes that holds it (sides longer than
             all of them keep their size), so that ROIs of different sizes share a few shapes
-            and run in one encoder pass per batch. None (default) keeps each ROI's own size.
+            and run in one encoder pass per batch. None (default) keeps each ROI's own size:
+            on a 2-core CPU the padding costs more than batching saves (BENCHMARKS.md), and
+            the added context changes the answers.
     """
 
     expand_ratio: float = 0.25

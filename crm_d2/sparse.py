@@ -10,6 +10,11 @@ switchable through :class:`FastOptions`:
   pixels: a fixed number of encoder-input pixels); the other pixels keep the current probability.
   This is the paper's CRM* idea (refine a region of interest only) in its "near contours" form
   (Shen et al., CVPR 2022, Sec. 4; the authors' release has no such path);
+- **band growth** (``grow``): where the network moves the boundary to the band's edge, the band
+  widens there and the new pixels are decoded, until the new boundary lies inside it;
+- **whole-image scan** (``scan``): at coarse scales every pixel gets a new probability (strided
+  over the image, the band in full), because the next scale reads the soft far field and the
+  network can flip soft regions far from any boundary;
 - **strided decoding**: decode every ``stride``-th pixel (rows and columns) first, then only the
   pixels of the lattice cells whose four decoded corners disagree (one above 0.5, one not); the
   others take the bilinear interpolation of the corner logits;
