@@ -515,9 +515,8 @@ def refine_fast(
                 _decode_into(dec, cand, opts.stride, logits)
                 if width is not None and opts.grow:
                     cand = _grow(dec, prob, cand, width, opts, allowed, logits)
-        for key, value in (("candidates", int(cand.sum())),):
-            totals.setdefault(key, []).append(value)
-        for key, value in (("queries", dec.queries), ("encoder_pixels", dec.encoded_pixels)):
+        for key, value in (("queries", dec.queries), ("encoder_pixels", dec.encoded_pixels),
+                           ("candidates", int(cand.sum()))):
             totals.setdefault(key, []).append(value)
         del dec, img_s, seg_s
         new = torch.where(cand[:, None], torch.sigmoid(logits)[:, None], prob)
