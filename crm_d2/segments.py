@@ -46,6 +46,12 @@ class ROIOptions:
             multiple of this many pixels so that more ROIs share a size and batch together;
             1 keeps the exact expanded box.
         min_roi_size: grow ROIs smaller than this (per side) around their centre.
+        canonical_sizes: cross-size batching: each ROI side grows (adding context, clipped at
+            the image border) to the smallest of these sizes that holds it (sides longer than
+            all of them keep their size), so that ROIs of different sizes share a few shapes
+            and run in one encoder pass per batch. None (default) keeps each ROI's own size:
+            on a 2-core CPU the padding costs more than batching saves (BENCHMARKS.md), and
+            the added context changes the answers.
     """
 
     expand_ratio: float = _DEFAULT.expand_ratio
@@ -53,30 +59,52 @@ class ROIOptions:
     batch_size: int = _DEFAULT.batch_size
     size_multiple: int = _DEFAULT.size_multiple
     min_roi_size: int = _DEFAULT.min_roi_size
+    canonical_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.canonical_sizes is not None:
+            sizes = tuple(sorted(int(v) for v in self.canonical_sizes))
+            if not sizes or sizes[0] < 1:
+                raise ValueError(f"canonical_sizes must be positive sizes, got "
+                                 f"{self.canonical_sizes}")
+            object.__setattr__(self, "canonical_sizes", sizes)
         if self.expand_ratio < 0:
             raise ValueError(f"expand_ratio must be >= 0, got {self.expand_ratio}")
         if self.batch_size < 1 or self.size_multiple < 1:
             raise ValueError("batch_size and size_multiple must be >= 1")
 
 
+def _grow_axis(lo: int, hi: int, size: int, limit: int) -> tuple[int, int]:
+    """The span ``lo:hi`` grown around its centre to ``min(size, limit)``, inside ``0:limit``."""
+    size = max(hi - lo, min(limit, size))
+    lo = max(0, lo - (size - (hi - lo)) // 2)
+    hi = lo + size
+    if hi > limit:
+        lo, hi = limit - size, limit
+    return lo, hi
+
+
 def _round_box(box, multiple: int, height: int, width: int):
+    """Grow each side of ``box`` to a multiple of ``multiple`` (clipped at the image)."""
     if multiple == 1:
         return box
     x0, y0, x1, y1 = box
+    x0, x1 = _grow_axis(x0, x1, -(-(x1 - x0) // multiple) * multiple, width)
+    y0, y1 = _grow_axis(y0, y1, -(-(y1 - y0) // multiple) * multiple, height)
+    return x0, y0, x1, y1
 
-    def grow(lo: int, hi: int, limit: int) -> tuple[int, int]:
-        size = min(limit, -(-(hi - lo) // multiple) * multiple)
-        extra = size - (hi - lo)
-        lo = max(0, lo - extra // 2)
-        hi = lo + size
-        if hi > limit:
-            lo, hi = limit - size, limit
-        return lo, hi
 
-    x0, x1 = grow(x0, x1, width)
-    y0, y1 = grow(y0, y1, height)
+def _canonical_box(box, sizes: tuple[int, ...] | None, height: int, width: int):
+    """Grow each side of ``box`` to the smallest of ``sizes`` that holds it (see ROIOptions)."""
+    if sizes is None:
+        return box
+    x0, y0, x1, y1 = box
+
+    def target(n: int) -> int:
+        return next((s for s in sizes if s >= n), n)
+
+    x0, x1 = _grow_axis(x0, x1, target(x1 - x0), width)
+    y0, y1 = _grow_axis(y0, y1, target(y1 - y0), height)
     return x0, y0, x1, y1
 
 
@@ -133,6 +161,7 @@ def refine_segments(
         box = mask_to_box(binary[i])
         box = expand_box(box, (height, width), options.expand_ratio, options.min_roi_size)
         box = _round_box(box, options.size_multiple, height, width)
+        box = _canonical_box(box, options.canonical_sizes, height, width)
         groups[(box[3] - box[1], box[2] - box[0])].append((i, box))
 
     extra = {} if fast is None else {"fast": fast}  # refiners without fast options work too

@@ -10,6 +10,11 @@ switchable through :class:`FastOptions`:
   pixels: a fixed number of encoder-input pixels); the other pixels keep the current probability.
   This is the paper's CRM* idea (refine a region of interest only) in its "near contours" form
   (Shen et al., CVPR 2022, Sec. 4; the authors' release has no such path);
+- **band growth** (``grow``): where the network moves the boundary to the band's edge, the band
+  widens there and the new pixels are decoded, until the new boundary lies inside it;
+- **whole-image scan** (``scan``): at coarse scales every pixel gets a new probability (strided
+  over the image, the band in full), because the next scale reads the soft far field and the
+  network can flip soft regions far from any boundary;
 - **strided decoding**: decode every ``stride``-th pixel (rows and columns) first, then only the
   pixels of the lattice cells whose four decoded corners disagree (one above 0.5, one not); the
   others take the bilinear interpolation of the corner logits;
@@ -59,6 +64,18 @@ class FastOptions:
             encoder-input pixels of each scale (``band / s`` full-resolution pixels at scale s);
             None decodes every pixel.
         min_band: lower bound of the band half-width in full-resolution pixels.
+        grow: rounds of band growth: after the band is decoded, wherever the new boundary
+            reaches an undecoded pixel (the network moved the boundary to the band's edge),
+            the band grows by its width there and the new pixels are decoded; repeated up to
+            ``grow`` times or until no boundary meets undecoded pixels. 0 turns it off.
+        scan: at scales ``s <= scan`` every pixel gets a new probability, as in dense
+            decoding: the whole image is decoded strided (step ``scan_stride / s``
+            full-resolution pixels, i.e. ``scan_stride`` encoder-input pixels; cells whose
+            corners disagree in full, the others interpolated) and the band in full. The next
+            scale reads the soft probabilities far from the boundary too, and the network can
+            flip soft regions far from any boundary; copying them (as outside the band) loses
+            both. None turns it off.
+        scan_stride: lattice step of ``scan`` in encoder-input pixels.
         stride: strided decoding step in full-resolution pixels; 1 turns it off.
         tile: core size of an encoder window in encoder-input pixels (a multiple of 8); smaller
             windows skip more empty image, larger ones waste less on halos.
@@ -75,6 +92,9 @@ class FastOptions:
 
     band: float | None = 3.0
     min_band: int = 4
+    grow: int = 0
+    scan: float | None = None
+    scan_stride: float = 2.0
     stride: int = 1
     tile: int = 96
     halo: int = 32
@@ -89,6 +109,12 @@ class FastOptions:
             raise ValueError(f"band must be > 0 or None, got {self.band}")
         if self.min_band < 0:
             raise ValueError(f"min_band must be >= 0, got {self.min_band}")
+        if self.grow < 0:
+            raise ValueError(f"grow must be >= 0, got {self.grow}")
+        if self.scan is not None and not (self.scan > 0):
+            raise ValueError(f"scan must be > 0 or None, got {self.scan}")
+        if not (self.scan_stride > 0):
+            raise ValueError(f"scan_stride must be > 0, got {self.scan_stride}")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if self.tile < 8 or self.tile % 8:
@@ -383,6 +409,41 @@ def _dense_decode(dec: _ScaleDecoder, chunk: int) -> Tensor:
     return logits.view(bsz, hp, wp)
 
 
+def _decode_into(dec: _ScaleDecoder, todo: Tensor, stride: int, logits: Tensor) -> None:
+    """Logits of the pixels ``todo`` (B, Hp, Wp) into ``logits``, strided when ``stride > 1``."""
+    if stride > 1:
+        logits.copy_(torch.where(todo, _strided_decode(dec, todo, stride, logits), logits))
+    else:
+        dec.decode(todo, logits)
+
+
+def _grow(dec: _ScaleDecoder, prob: Tensor, cand: Tensor, width: int, opts: FastOptions,
+          allowed: Tensor | None, logits: Tensor) -> Tensor:
+    """Grow the decoded set where the new boundary meets undecoded pixels (see ``grow``).
+
+    Returns:
+        (B, Hp, Wp) bool: the decoded pixels, ``cand`` included; their logits are in ``logits``.
+    """
+    done = cand.clone()
+    old = prob[:, 0] > 0.5
+    for _ in range(opts.grow):
+        cls = torch.where(done, logits > 0, old)[:, None].float()
+        near_fg = _dilate(cls, 1)[:, 0] > 0
+        near_bg = _dilate(1 - cls, 1)[:, 0] > 0
+        edge = torch.where(cls[:, 0] > 0, near_bg, near_fg)
+        front = edge & ~done
+        if allowed is not None:
+            front &= allowed
+        if not bool(front.any()):
+            break
+        add = (_dilate(front[:, None].float(), width)[:, 0] > 0) & ~done
+        if allowed is not None:
+            add &= allowed
+        _decode_into(dec, add, opts.stride, logits)
+        done |= add
+    return done
+
+
 # --------------------------------------------------------------------------------------------
 # The schedule
 # --------------------------------------------------------------------------------------------
@@ -429,14 +490,16 @@ def refine_fast(
             img_s = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
             seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
         width = opts.band_width(s)
+        allowed = None  # pixels that may be decoded (None: all)
+        if si == len(scales) - 1 and opts.skip_padding and crop > 0:
+            allowed = torch.zeros(hp, wp, dtype=torch.bool, device=seg.device)
+            allowed[crop:-crop, crop:-crop] = True
         if width is None:
             cand = torch.ones(bsz, hp, wp, dtype=torch.bool, device=seg.device)
         else:
             cand = boundary_band(prob, width)
-        if si == len(scales) - 1 and opts.skip_padding and crop > 0:
-            inner = torch.zeros(hp, wp, dtype=torch.bool, device=seg.device)
-            inner[crop:-crop, crop:-crop] = True
-            cand &= inner
+        if allowed is not None:
+            cand &= allowed
         stage = f"scale {s:g} ({si + 1}/{len(scales)})"
         if progress is not None:
             progress(stage, 0, 1)  # the scale starts: encoding
@@ -445,10 +508,18 @@ def refine_fast(
             logits = _dense_decode(dec, chunk)
         else:
             logits = torch.zeros(bsz, hp, wp, device=seg.device)
-            if opts.stride > 1:
-                logits = _strided_decode(dec, cand, opts.stride, logits)
-            else:
+            if width is not None and opts.scan is not None and s <= opts.scan:
+                # every pixel: strided over the whole image, the band decoded in full
+                step = max(1, round(opts.scan_stride / s))
+                everything = torch.ones_like(cand) if allowed is None else (
+                    allowed.expand_as(cand).clone())
+                logits = _strided_decode(dec, everything, step, logits)
                 dec.decode(cand, logits)
+                cand = everything
+            else:
+                _decode_into(dec, cand, opts.stride, logits)
+                if width is not None and opts.grow:
+                    cand = _grow(dec, prob, cand, width, opts, allowed, logits)
         for key, value in (("queries", dec.queries), ("encoder_pixels", dec.encoded_pixels),
                            ("candidates", int(cand.sum()))):
             totals.setdefault(key, []).append(value)

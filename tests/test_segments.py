@@ -71,3 +71,31 @@ def test_soft_masks_and_errors(refiner, scene):
         refine_segments(refiner, image, soft[:, :10])
     with pytest.raises(ValueError, match="isthing"):
         refine_segments(refiner, image, soft, isthing=[True])
+
+
+def test_canonical_sizes_batch_rois_of_different_sizes(refiner, scene, monkeypatch):
+    img, masks = scene
+    image, tmasks = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(masks)
+    calls = []
+    real = refiner.refine_tensors
+
+    def spy(image, mask, **kw):
+        calls.append(tuple(image.shape))
+        return real(image, mask, **kw)
+
+    monkeypatch.setattr(refiner, "refine_tensors", spy)
+    per_size = refine_segments(refiner, image, tmasks, ROIOptions(min_area=100))
+    n_per_size = len(calls)
+    calls.clear()
+    opts = ROIOptions(min_area=100, canonical_sizes=(64, 16))
+    assert opts.canonical_sizes == (16, 64)
+    out = refine_segments(refiner, image, tmasks, opts)
+    assert len(calls) < n_per_size and len(calls) == 1  # one batch for all three ROIs
+    assert calls[0][0] == 3
+    for r, ref in zip(out, per_size):
+        x0, y0, x1, y1 = r.box
+        assert (x1 - x0, y1 - y0) == (64, 60)  # 64 wide; the 60-px image height
+        rx0, ry0, rx1, ry1 = ref.box
+        assert x0 <= rx0 and y0 <= ry0 and x1 >= rx1 and y1 >= ry1  # only context added
+    with pytest.raises(ValueError):
+        ROIOptions(canonical_sizes=())

@@ -248,3 +248,50 @@ def test_batch_and_empty_masks_on_fast_path(refiner, sample):
     assert out[1].abs().max() == 0 and out[0].abs().max() > 0
     single = refiner.refine_tensors(t1, m1, fast=opts)
     assert (out[0] - single[0]).abs().max() < 1e-5
+
+
+def test_grow_follows_a_boundary_the_network_moves(refiner, sample):
+    """With ``grow`` the band widens where the new boundary reaches its edge, never elsewhere."""
+    image, seg = _padded(sample)
+    net = refiner.model
+    dense = refine_fast(net, image, seg, ONE, FastOptions(band=None, skip_padding=False,
+                                                          tile=16, halo=HALO, memory_mb=0.5))
+    narrow = FastOptions(band=1.0, min_band=1, tile=16, halo=HALO, memory_mb=0.5,
+                         skip_padding=False)
+    stats0, stats1 = {}, {}
+    a = refine_fast(net, image, seg, ONE, narrow, stats=stats0)
+    b = refine_fast(net, image, seg, ONE, narrow.with_(grow=50), stats=stats1)
+    err_a = ((a > 0.5) != (dense > 0.5)).sum()
+    err_b = ((b > 0.5) != (dense > 0.5)).sum()
+    assert err_a > 0  # the random network moves the boundary past a 1-px band
+    assert err_b < err_a
+    assert stats1["queries"][0] > stats0["queries"][0]
+    # grown pixels are decoded as usual (same windows, exact halo)
+    grown = (b != a) & ((seg * 0.5 + 0.5) != b)
+    assert (b[grown] - dense[grown]).abs().max() < 1e-5
+    # grow=0 is the plain band
+    assert torch.equal(refine_fast(net, image, seg, ONE, narrow.with_(grow=0)), a)
+
+
+def test_scan_gives_every_pixel_a_new_probability(refiner, sample):
+    """At ``scan`` scales the far field is decoded strided, the band in full."""
+    image, seg = _padded(sample)
+    net = refiner.model
+    common = dict(tile=16, halo=HALO, memory_mb=0.5, skip_padding=False)
+    dense = refine_fast(net, image, seg, ONE, FastOptions(band=None, **common))
+    opts = FastOptions(band=2.0, min_band=2, scan=1.0, scan_stride=2.0, **common)
+    prob = refine_fast(net, image, seg, ONE, opts)
+    band = boundary_band(seg * 0.5 + 0.5, opts.band_width(1.0))[:, None]
+    assert (prob[band] - dense[band]).abs().max() < 1e-5  # the band in full
+    far = ~band
+    assert not torch.equal(prob[far], (seg * 0.5 + 0.5)[far])  # far pixels not copied
+    assert ((prob > 0.5) == (dense > 0.5)).float().mean() > 0.97
+    # scales above ``scan`` copy the far field as before
+    above = refine_fast(net, image, seg, ONE, opts.with_(scan=0.5))
+    assert torch.equal(above[far], (seg * 0.5 + 0.5)[far])
+
+
+def test_grow_and_scan_options_are_checked():
+    for bad in (dict(grow=-1), dict(scan=0.0), dict(scan_stride=0)):
+        with pytest.raises(ValueError):
+            FastOptions(**bad)

@@ -15,7 +15,9 @@ machine and the command, to ``--output`` (BENCHMARKS.md). Cases:
 3. ``coco``: the segments of a COCO panoptic image through ``crm_d2.segments.refine_segments``
    (shipped weights), and the inner Panoptic FPN R50 (random weights) on the same image when
    detectron2 imports.
-4. CascadePSP: HOOK ONLY (``--cascadepsp``): not implemented on this branch.
+4. ``cascadepsp``: CascadePSP (:class:`crm_d2.CascadePSPRefiner`) on image 1, global + local
+   step (L = 900) and fast mode (global step only), with random weights in the released format
+   (calibrated as in ``tools/compare_cascadepsp.py``: there are no released weights here).
 5. MACs of each case next to the machine's measured fp32 matmul rate.
 
 Quality of the fast modes vs dense (= exact) on held-out real images (DAVIS, ECSSD; the shipped
@@ -51,6 +53,7 @@ MODES = {
     "band+stride2": dict(stride=2),
 }
 SCALES4 = (0.125, 0.25, 0.5, 1.0)
+CANONICAL = (64, 96, 128, 192, 256, 384, 512, 768, 1024)  # ROI sides of cross-size batching
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +151,7 @@ def _case_coco(args) -> dict:
     from PIL import Image
 
     from crm_d2 import CRMRefiner
-    from crm_d2.segments import refine_segments
+    from crm_d2.segments import ROIOptions, refine_segments
 
     root = os.path.join(args.data, "coco_panoptic_sample")
     name = "000000439180"
@@ -159,13 +162,20 @@ def _case_coco(args) -> dict:
     segs = [i for i in np.unique(ids) if i != 0]
     masks = torch.from_numpy(np.stack([ids == i for i in segs]))
     refiner = CRMRefiner.from_checkpoint(None)
-    scales = SCALES4 if args.mode.endswith("4s") else None
-    mode = args.mode.replace("-4s", "")
+    scales = SCALES4 if "-4s" in args.mode else None
+    roi = ROIOptions(canonical_sizes=CANONICAL) if "+canon" in args.mode else ROIOptions()
+    mode = args.mode.replace("-4s", "").replace("+canon", "")
     image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
     t0 = time.perf_counter()
-    out = refine_segments(refiner, image, masks, scales=scales, exact=mode == "exact",
+    out = refine_segments(refiner, image, masks, roi, scales=scales, exact=mode == "exact",
                           fast=_fast(mode) if mode != "exact" else None)
     seconds = time.perf_counter() - t0
+    if args.out:  # each refined segment pasted into a full-image binary mask
+        full = np.zeros((len(out), *rgb.shape[:2]), dtype=bool)
+        for j, r in enumerate(out):
+            x0, y0, x1, y1 = r.box
+            full[j, y0:y1, x0:x1] = r.prob.cpu().numpy() > 0.5
+        np.save(args.out, full)
     return {"seconds": seconds, "segments": len(out), "all_segments": len(segs),
             "scales": list(scales or refiner.scales), "image": f"{rgb.shape[1]}x{rgb.shape[0]}"}
 
@@ -257,10 +267,29 @@ def _case_heldout(args) -> dict:
     return {"rows": rows}
 
 
+def _case_cascadepsp(args) -> dict:
+    from crm_d2 import CascadePSPRefiner
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from compare_cascadepsp import random_calibrated_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "model")
+        torch.save(random_calibrated_state_dict(0), ckpt)
+        refiner = CascadePSPRefiner.from_checkpoint(ckpt, L=900)
+    w, h = (int(v) for v in args.size.split("x"))
+    image, mask = _demo(args.data, (w, h))
+    t0 = time.perf_counter()
+    prob = refiner.refine(image, mask, fast=args.mode == "fast")
+    seconds = time.perf_counter() - t0
+    np.save(args.out, prob > 0.5)
+    return {"seconds": seconds}
+
+
 def _child(args) -> None:
     torch.set_num_threads(args.threads)
     fn = {"refine": _case_refine, "coco": _case_coco, "d2": _case_d2,
-          "heldout": _case_heldout}[args.case]
+          "heldout": _case_heldout, "cascadepsp": _case_cascadepsp}[args.case]
     result = fn(args)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(result))
@@ -318,6 +347,17 @@ def _iou_mba(a_path: str, b_path: str) -> tuple[float, float]:
     return iou(a, b), boundary_accuracy(a, b)
 
 
+def _segments_iou_mba(a_path: str, b_path: str) -> tuple[float, float]:
+    """Mean IoU / mBA over segments of two (N, H, W) stacks of pasted binary masks."""
+    from crm_d2.evaluation.binary import boundary_accuracy, iou
+
+    a, b = np.load(a_path), np.load(b_path)
+    if a.shape != b.shape:
+        return float("nan"), float("nan")
+    return (float(np.mean([iou(x, y) for x, y in zip(a, b)])),
+            float(np.nanmean([boundary_accuracy(x, y) for x, y in zip(a, b)])))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..",
@@ -326,15 +366,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--timeout", type=float, default=1500)
     ap.add_argument("--skip", nargs="*", default=[],
-                    help="case groups to skip: img1 exact big coco d2 switches heldout")
+                    help="case groups to skip: img1 exact big coco d2 switches heldout "
+                         "cascadepsp")
     ap.add_argument("--img1", default="2560x1706", help="WxH of image 1")
     ap.add_argument("--big", nargs="*", default=["3000x2000", "6000x4000"],
                     help="WxH sizes of case 2 (r50; lite at the last one)")
     ap.add_argument("--heldout-davis", type=int, default=3)
     ap.add_argument("--heldout-ecssd", type=int, default=5)
-    ap.add_argument("--cascadepsp", action="store_true",
-                    help="HOOK for item 4 of issue 11 (CascadePSP global+local, fast mode): "
-                         "not implemented on this branch")
     # child-only arguments
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -346,8 +384,6 @@ def main(argv=None) -> int:
     if args.child:
         _child(args)
         return 0
-    if args.cascadepsp:
-        print("CascadePSP cases: not implemented on this branch (see issue 11, item 4)")
 
     common = ["--data", args.data, "--threads", str(args.threads)]
     tmp = tempfile.mkdtemp(prefix="crm_bench_")
@@ -373,8 +409,10 @@ def main(argv=None) -> int:
         for weights, size in [("r50", s) for s in args.big] + [("lite", args.big[-1])]:
             refine_case(weights, "default", size)
     if "coco" not in args.skip:
-        for mode in ("default", "dense"):
-            res = _run(common + ["--case", "coco", "--mode", mode], args.timeout)
+        for mode in ("default", "dense", "default+canon", "dense+canon"):
+            out = os.path.join(tmp, f"coco_{mode}.npy")
+            res = _run(common + ["--case", "coco", "--mode", mode, "--out", out], args.timeout)
+            res["mask"] = out
             results.append((f"coco refine_segments lite {mode}", res))
             print(results[-1], flush=True)
     if "d2" not in args.skip:
@@ -385,6 +423,14 @@ def main(argv=None) -> int:
         for weights, mode in (("r50", "stride4"), ("lite", "stride4"), ("r50", "band+stride2"),
                               ("lite", "band+stride2")):
             refine_case(weights, mode, img1)
+    if "cascadepsp" not in args.skip:
+        for mode in ("global+local", "fast"):
+            out = os.path.join(tmp, f"cascadepsp_{mode}.npy")
+            res = _run(common + ["--case", "cascadepsp", "--mode", mode, "--size", img1,
+                                 "--out", out], args.timeout)
+            res["mask"] = out
+            results.append((f"{img1} cascadepsp {mode}", res))
+            print(results[-1], flush=True)
     heldout = None
     if "heldout" not in args.skip:
         heldout = _run(common + ["--case", "heldout", "--weights", "lite"], args.timeout)
@@ -429,7 +475,8 @@ def _report(args, results, heldout, rate, img1) -> str:
             f"| {label} | {res['seconds']:.1f} | {ratio} | {res['peak_rss_gib']:.2f} | "
             f"{res['macs'] / 1e9:.0f} | {res['macs'] / rate:.1f} | {res['queries'] / 1e6:.2f} | "
             f"{res['encoder_pixels'] / 1e6:.2f} | {iou} | {mba} |")
-    errs = [(label, res) for label, res in results if "seconds" not in res]
+    errs = [(label, res) for label, res in results
+            if "seconds" not in res and "cascadepsp" not in label]
     for label, res in errs:
         lines.append(f"| {label} | {res.get('error') or res.get('skipped')} | | | | | | | | |")
     lines += ["", "## COCO image: refinement vs the inner model", "",
@@ -439,10 +486,16 @@ def _report(args, results, heldout, rate, img1) -> str:
         if not label.startswith("coco") or "seconds" not in res:
             continue
         if "segments" in res:
+            note = ""
+            ref = by.get(label.replace("+canon", ""))
+            if "+canon" in label and ref and "seconds" in ref:
+                i, m = _segments_iou_mba(res["mask"], ref["mask"])
+                note = (f"; {ref['seconds'] / res['seconds']:.2f}x vs per-size batching, "
+                        f"mean IoU {i:.4f} / mBA {m:.4f} vs it")
             lines.append(f"| {label} | {res['seconds']:.2f} | {res['segments']} of "
                          f"{res['all_segments']} | {res['seconds'] / max(res['segments'], 1):.3f}"
                          f" | {res['peak_rss_gib']:.2f} | scales {res['scales']}, "
-                         f"{res['image']} |")
+                         f"{res['image']}{note} |")
         else:
             lines.append(f"| {label} | {res['seconds']:.2f} | | | {res['peak_rss_gib']:.2f} | "
                          f"inner {res['inner_s']:.2f} s, refinement {res['refine_s']:.2f} s "
@@ -470,8 +523,30 @@ def _report(args, results, heldout, rate, img1) -> str:
                      "split of DAVIS and ECSSD (seed 0, 5%).")
     elif heldout:
         lines += ["", f"Held-out case failed: {heldout.get('error')}"]
-    lines += ["", "CascadePSP (issue 11 item 4): hook only (`--cascadepsp`), not measured on "
-              "this branch.", ""]
+    psp = [(label, res) for label, res in results if " cascadepsp " in label]
+    if psp:
+        ref = by.get(f"{img1} r50 exact")
+        lines += ["", f"## CascadePSP on image 1 ({img1})", "",
+                  "Random weights in the released format (calibrated as in "
+                  "`tools/compare_cascadepsp.py`), L = 900. The ratio is against the CRM r50 "
+                  "exact row of this run; IoU/mBA are vs the CascadePSP global+local mask (the "
+                  "weights are random, so they say nothing about quality).", "",
+                  "| case | time s | vs CRM r50 exact | peak RSS GiB | IoU vs global+local | "
+                  "mBA vs global+local |", "|---|---|---|---|---|---|"]
+        full = dict(psp).get(f"{img1} cascadepsp global+local")
+        for label, res in psp:
+            if "seconds" not in res:
+                lines.append(f"| {label} | {res.get('error')} | | | | |")
+                continue
+            ratio = (f"{ref['seconds'] / res['seconds']:.1f}x faster"
+                     if ref and "seconds" in ref else "")
+            iou = mba = ""
+            if full and "seconds" in full and res is not full:
+                i, m = _iou_mba(res["mask"], full["mask"])
+                iou, mba = f"{i:.4f}", f"{m:.4f}"
+            lines.append(f"| {label} | {res['seconds']:.1f} | {ratio} | "
+                         f"{res['peak_rss_gib']:.2f} | {iou} | {mba} |")
+    lines.append("")
     return "\n".join(lines)
 
 
