@@ -258,10 +258,10 @@ class CRMRefiner(FrozenNetwork):
                 ``(0.125, 0.25, 0.5, 1.0)``).
             exact: run the authors' arithmetic to the letter (slowest: every pixel decoded at
                 every scale). Otherwise the fast path of :mod:`crm_d2.sparse` runs with
-                ``fast``: by default only a band around the current boundary is decoded and
-                the encoder runs on windows around it; ``FastOptions.dense()`` decodes every
-                pixel with the grid decoder (:meth:`CRMNet.decode_grid`), the same function as
-                ``exact`` to ~1e-6.
+                ``fast``: by default (``FastOptions.dense()``) every pixel is decoded with the
+                grid decoder (:meth:`CRMNet.decode_grid`), the same function as ``exact`` to
+                ~1e-6; ``FastOptions()`` decodes only a band around the current boundary and
+                runs the encoder on windows around it (opt-in, see BENCHMARKS.md).
             progress: optional callback ``progress(stage, done, total)``, called with
                 ``done = 0`` when a scale starts (before its encoder pass) and when its work is
                 done (``done == total``; the exact path also after each decoder chunk).
