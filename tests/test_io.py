@@ -63,8 +63,9 @@ def test_every_mask_reader_reads_a_palette_mask_like_its_gray_twin(tmp_path):
     (crm-refine and crm-eval's BIG reader: the two end-to-end tests below)."""
     import runpy
     from pathlib import Path
+    from types import SimpleNamespace
 
-    from crm_d2.crm_eval.report import big_masks
+    from crm_d2.crm_eval.formats.big import BigFormat, BigPayload
     from crm_d2.training.datasets import CRMTrainDataset, ImageMaskPairs
 
     m = _object()
@@ -96,7 +97,9 @@ def test_every_mask_reader_reads_a_palette_mask_like_its_gray_twin(tmp_path):
             "training sample gt": sample["gt"].numpy(),
             "training sample coarse": sample["coarse"].numpy(),
             "crm-eval overlays": np.stack(
-                big_masks({"coarse_png": mask_path, "refined_png": mask_path}, {})
+                BigFormat(str(tmp_path)).masks(
+                    SimpleNamespace(payload=BigPayload(mask_path, mask_path, False)), None
+                )
             ),
             "benchmark demo": bench["_demo"](str(tmp_path / kind), (W // 2, H // 2))[1],
         }
