@@ -211,15 +211,9 @@ class CRMRefiner(FrozenNetwork):
         stored in a project checkpoint are used when none are given.
         """
         from .checkpoint import CheckpointError, load_crm
-        from .weights import default_weights_path
+        from .weights import resolve_weights
 
-        if path is None:
-            path = default_weights_path()
-            if path is None:
-                raise CheckpointError(
-                    "this crm_d2 install ships no default CRM weights: pass the path of the "
-                    "official 'model_45705' or of a checkpoint written by tools/train_crm.py"
-                )
+        path = resolve_weights(path, "path")
 
         model, meta = load_crm(path)
         if kwargs.get("scales") is None:

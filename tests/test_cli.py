@@ -236,3 +236,16 @@ def test_overlay_adds_a_full_resolution_zoom_of_the_most_changed_region(files, w
     assert cli.main(_args(files, weights, "-o", str(out), "--overlay", str(ov),
                           "--overlay-max-side", "0")) == 0
     assert np.asarray(Image.open(ov)).shape[:2] == (45, 2 * 61 + 8)  # full resolution
+
+
+def test_one_missing_weights_rule_for_every_front_end(monkeypatch):
+    """crm-refine, crm-eval, the API and MODEL.CRM.WEIGHTS share one lookup and one message."""
+    from crm_d2.inference import CRMRefiner
+    from crm_d2.weights import MissingWeightsError, resolve_weights
+
+    assert resolve_weights("given.pth", "--weights PATH") == "given.pth"
+    monkeypatch.setattr("crm_d2.weights.default_weights_path", lambda: None)
+    with pytest.raises(MissingWeightsError, match=r"MODEL\.CRM\.WEIGHTS is not set.*model_45705"):
+        resolve_weights("", "MODEL.CRM.WEIGHTS")
+    with pytest.raises(MissingWeightsError, match="tools/train_crm.py"):
+        CRMRefiner.from_checkpoint(None)

@@ -259,8 +259,8 @@ def test_from_config_errors(crm_checkpoint, monkeypatch):
         build_model(d2_cfg("", crm_checkpoint))
     with pytest.raises(ValueError, match="cannot be CRMRefinedModel"):
         build_model(d2_cfg("CRMRefinedModel", crm_checkpoint))
-    monkeypatch.setattr("crm_d2.d2.meta_arch.default_weights_path", lambda: None)
-    with pytest.raises(ValueError, match="MODEL.CRM.WEIGHTS is empty"):
+    monkeypatch.setattr("crm_d2.weights.default_weights_path", lambda: None)
+    with pytest.raises(ValueError, match="MODEL.CRM.WEIGHTS is not set.*model_45705"):
         build_model(d2_cfg("CRMTestPanopticFPN", ""))
 
 

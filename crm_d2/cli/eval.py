@@ -341,7 +341,7 @@ def _refiner(args: argparse.Namespace, device: str):
 
     from crm_d2 import CRMNet, CRMRefiner
     from crm_d2.modeling.crm import OFFICIAL_ARCH, TINY_ARCH
-    from crm_d2.weights import default_weights_path
+    from crm_d2.weights import MissingWeightsError, resolve_weights
 
     if args.refiner == "cascadepsp":
         return _cascadepsp_refiner(args, device)
@@ -374,14 +374,12 @@ def _refiner(args: argparse.Namespace, device: str):
         arch = OFFICIAL_ARCH if args.random_weights == "official" else TINY_ARCH
         desc = f"RANDOM ({args.random_weights} architecture, seed {args.seed})"
         return CRMRefiner(CRMNet(arch), device, **kwargs), desc
-    path = args.weights or default_weights_path()
-    if path is None:
+    try:
+        path = resolve_weights(args.weights, "--weights PATH")
+    except MissingWeightsError as e:
         raise _fail(
-            "no CRM weights. Pass --weights PATH with the official CRM checkpoint "
-            "'model_45705' (download it yourself from the link in dvlab-research/Entity, "
-            "folder High-Quality-Segmention) or a checkpoint written by tools/train_crm.py; "
-            "--random-weights runs an untrained network (plumbing and speed checks only)."
-        )
+            f"{e} (--random-weights runs an untrained network: plumbing and speed checks only)"
+        ) from e
     try:
         return CRMRefiner.from_checkpoint(path, device, **kwargs), path
     except ValueError as e:  # CheckpointError, bad scales or architecture

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_weights(weights: str | None, refiner: str = "crm") -> str | None:
     from crm_d2.checkpoint import CASCADEPSP_HINT
-    from crm_d2.weights import default_weights_path
+    from crm_d2.weights import MissingWeightsError, resolve_weights
 
     if refiner == "guided_filter":
         if weights:
@@ -87,14 +87,10 @@ def _resolve_weights(weights: str | None, refiner: str = "crm") -> str | None:
         raise SystemExit(
             f"crm-refine: no CascadePSP weights. Pass --weights PATH. {CASCADEPSP_HINT}"
         )
-    default = default_weights_path()
-    if default is None:
-        raise SystemExit(
-            "crm-refine: no CRM weights. Pass --weights PATH with the official CRM checkpoint "
-            "'model_45705' (download it yourself from the link in dvlab-research/Entity, folder "
-            "High-Quality-Segmention) or a checkpoint written by tools/train_crm.py."
-        )
-    return default
+    try:
+        return resolve_weights(weights, "--weights PATH")
+    except MissingWeightsError as e:
+        raise SystemExit(f"crm-refine: {e}") from e
 
 
 def _fail(message: str) -> SystemExit:

@@ -44,7 +44,7 @@ from .. import pipeline
 from ..boxes import boxes_from_masks
 from ..fusion import RefinedSegment
 from ..refiners import Refiner, load_refiner, refiner_class
-from ..weights import default_weights_path
+from ..weights import resolve_weights
 from .config import CRMOptions
 
 __all__ = ["CRMRefinedModel", "RefinementTiming", "resolve_crm_weights"]
@@ -59,17 +59,7 @@ INNER_KEY = "crm_inner"
 # --------------------------------------------------------------------------------------------
 def resolve_crm_weights(path: str) -> str:
     """The refiner checkpoint to load: ``path``, or the weights shipped with crm_d2 if empty."""
-    if path:
-        return path
-    shipped = default_weights_path()
-    if shipped is None:
-        raise ValueError(
-            "MODEL.CRM.WEIGHTS is empty and this crm_d2 install ships no default CRM weights "
-            "(crm_d2/weights/crm_d2_lite.pth is missing): set MODEL.CRM.WEIGHTS to a CRM "
-            "checkpoint, e.g. the official 'model_45705' (see the README) or one trained with "
-            "tools/train_crm.py"
-        )
-    return shipped
+    return resolve_weights(path, "MODEL.CRM.WEIGHTS")
 
 
 @dataclass
