@@ -295,3 +295,18 @@ def test_grow_and_scan_options_are_checked():
     for bad in (dict(grow=-1), dict(scan=0.0), dict(scan_stride=0)):
         with pytest.raises(ValueError):
             FastOptions(**bad)
+
+
+def test_band_vs_dense_tool_parses_fast_options():
+    """tools/band_vs_dense.py: NAME=field:value,... gives those FastOptions; unknown fields fail."""
+    import argparse
+    import runpy
+    from pathlib import Path
+
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "band_vs_dense.py"),
+                          run_name="tool")
+    name, opts = tool["parse_variant"]("g=grow:4,halo:96,scan:0.25")
+    assert name == "g" and (opts.grow, opts.halo, opts.scan) == (4, 96, 0.25)
+    assert tool["parse_variant"]("band=")[1] == FastOptions()
+    with pytest.raises(argparse.ArgumentTypeError, match="not a FastOptions field"):
+        tool["parse_variant"]("x=halos:3")
