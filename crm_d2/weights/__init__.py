@@ -37,10 +37,7 @@ def resolve_weights(path: str | None, option: str) -> str:
     """
     if path:
         return path
-    # Looked up through the module so that tests can monkeypatch default_weights_path.
-    import crm_d2.weights as _self
-
-    shipped = _self.default_weights_path()
+    shipped = default_weights_path()
     if shipped is None:
         raise MissingWeightsError(
             f"no CRM weights: {option} is not set and this crm_d2 install ships no default "
