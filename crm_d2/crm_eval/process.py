@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from ..refiners import Refiner
 from .coarse import BINARY_LEVEL, CoarseSpec, render_instances, render_panoptic
 from .datasets import BigSet, CocoInstanceSet, ImageItem, decode_segmentation
 from .matching import match_instances, match_panoptic, rle_encode
-from .records import OutputLayout
+from .records import ObjectRecord, OutputLayout
 
 __all__ = ["ProcessContext", "process_big", "process_instances", "process_panoptic"]
 
@@ -108,10 +108,6 @@ def _record_header(item: ImageItem, shape: tuple[int, int]) -> dict[str, Any]:
     }
 
 
-def _scores(s: ObjectScores) -> dict[str, float]:
-    return asdict(s)
-
-
 def _crop_box(masks: list[np.ndarray], shape: tuple[int, int]) -> list[int]:
     """Overlay crop: the union box of ``masks`` grown by :data:`CROP_EXPAND`."""
     union = np.logical_or.reduce(masks)
@@ -130,15 +126,8 @@ def _object(
     before: ObjectScores,
     after: ObjectScores,
 ) -> dict:
-    return {
-        "index": index,
-        "gt": gt_ref,
-        "category_id": category,
-        "refined": refined,
-        "crop": crop,
-        "before": _scores(before),
-        "after": _scores(after),
-    }
+    """One scored object in the record's stored form (:class:`~.records.ObjectRecord`)."""
+    return ObjectRecord(index, gt_ref, category, refined, crop, before, after).to_json()
 
 
 def _bbox_xywh(mask: np.ndarray) -> list[float]:
