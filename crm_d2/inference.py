@@ -53,9 +53,9 @@ DEFAULT_CHUNK = 262_144  # most queries per decoder call
 
 ProgressFn = Callable[[str, int, int], None]
 
-#: The default path: every pixel decoded from whole-image features (the authors' function to
-#: ~1e-6). Band decoding (``FastOptions()``) is 8-10x faster but not yet within the 0.1 IoU /
-#: 0.1 mBA of ``exact=True`` that a default must keep (BENCHMARKS.md), so it is opt-in.
+#: Dense decoding: every pixel decoded from whole-image features (the authors' function to
+#: ~1e-6), the default over several scales. One-scale schedules default to band decoding
+#: (:meth:`FastOptions.default_for`), measured equal to dense there (BENCHMARKS.md).
 DEFAULT_FAST = FastOptions.dense()
 
 
@@ -180,7 +180,7 @@ class CRMRefiner(FrozenNetwork):
         chunk_size: int = DEFAULT_CHUNK,
         min_side: int | None = None,
         metadata: dict | None = None,
-        fast: FastOptions = DEFAULT_FAST,
+        fast: FastOptions | None = None,
     ) -> None:
         self._freeze(model, check_device(device))
         self.scales = _check_scales(scales)
@@ -191,10 +191,10 @@ class CRMRefiner(FrozenNetwork):
             raise ValueError(f"min_side must be >= 1 or None, got {min_side}")
         self.min_side = None if min_side is None else int(min_side)
         self.metadata = dict(metadata or {})
-        if not isinstance(fast, FastOptions):
-            raise ValueError(f"fast must be a FastOptions, got {type(fast).__name__}")
-        self.fast = fast
-        if fast.channels_last:
+        if fast is not None and not isinstance(fast, FastOptions):
+            raise ValueError(f"fast must be a FastOptions or None, got {type(fast).__name__}")
+        self.fast = fast  # None: FastOptions.default_for(the scales of each call)
+        if fast is not None and fast.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
     @classmethod
@@ -230,6 +230,12 @@ class CRMRefiner(FrozenNetwork):
             kwargs["min_side"] = int(meta["min_side"])
         return cls(model, device, metadata=meta, **kwargs)
 
+    def fast_options(self, scales: Sequence[float] | None = None) -> FastOptions:
+        """The decoding used for ``scales`` (default: the refiner's) when none is passed."""
+        if self.fast is not None:
+            return self.fast
+        return FastOptions.default_for(self.scales if scales is None else scales)
+
     # ---------------------------------------------------------------- numpy entry point
     @torch.no_grad()
     def refine(
@@ -252,14 +258,15 @@ class CRMRefiner(FrozenNetwork):
                 ``(0.125, 0.25, 0.5, 1.0)``).
             exact: run the authors' arithmetic to the letter (slowest: every pixel decoded at
                 every scale). Otherwise the fast path of :mod:`crm_d2.sparse` runs with
-                ``fast``: by default (``FastOptions.dense()``) every pixel is decoded with the
-                grid decoder (:meth:`CRMNet.decode_grid`), the same function as ``exact`` to
-                ~1e-6; ``FastOptions()`` decodes only a band around the current boundary and
-                runs the encoder on windows around it (opt-in, see BENCHMARKS.md).
+                ``fast``. By default (:meth:`FastOptions.default_for`) a schedule of several
+                scales decodes every pixel with the grid decoder
+                (:meth:`CRMNet.decode_grid`), the same function as ``exact`` to ~1e-6, and a
+                one-scale schedule decodes a band around the boundary (with growth), measured
+                equal to dense decoding on held-out images (BENCHMARKS.md).
             progress: optional callback ``progress(stage, done, total)``, called with
                 ``done = 0`` when a scale starts (before its encoder pass) and when its work is
                 done (``done == total``; the exact path also after each decoder chunk).
-            fast: options of the fast path (default: the refiner's, :data:`DEFAULT_FAST`);
+            fast: options of the fast path (default: :meth:`fast_options` of the scales run);
                 ignored when ``exact``.
 
         Returns:
@@ -300,7 +307,7 @@ class CRMRefiner(FrozenNetwork):
         image = reflect_pad(image)
         scales = scales_for_size(scales, tuple(seg.shape[-2:]), self.min_side)
         if not exact:
-            opts = self.fast if fast is None else fast
+            opts = self.fast_options(scales) if fast is None else fast
             prob = refine_fast(self.model, image, seg, scales, opts, crop=PAD,
                                chunk=self.chunk_size, progress=progress, stats=stats)
             return prob[:, 0, PAD:-PAD, PAD:-PAD]

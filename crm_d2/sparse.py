@@ -131,6 +131,32 @@ class FastOptions:
         """Decode every pixel from whole-image features: the authors' function (to ~1e-6)."""
         return cls(band=None, stride=1, memory_mb=float("inf"), skip_padding=False)
 
+    @classmethod
+    def default_for(cls, scales: Sequence[float]) -> FastOptions:
+        """The default decoding of a schedule: the fastest one measured equal to dense on it.
+
+        One scale: band decoding with growth and a 96-px window halo (``grow=4, halo=96``),
+        identical to dense decoding on held-out real images and within 0.05 points of it on
+        COCO (BENCHMARKS.md, ``tools/band_vs_dense.py``). Several scales: dense decoding, because
+        the coarse scales rewrite soft regions far from any boundary, which a band copies
+        instead (no band variant met the 0.1-point tolerance there).
+        """
+        return cls(grow=4, halo=96) if len(scales) == 1 else cls.dense()
+
+    @property
+    def is_dense(self) -> bool:
+        """Every pixel decoded from whole-image features (the authors' function)."""
+        return self == FastOptions.dense()
+
+    def describe(self) -> str:
+        """``"dense"`` or the fields that differ from :class:`FastOptions`'s defaults."""
+        if self.is_dense:
+            return "dense"
+        base = FastOptions()
+        diff = [f"{k}={getattr(self, k)}" for k in self.__dataclass_fields__
+                if getattr(self, k) != getattr(base, k)]
+        return "band" + (f"({', '.join(diff)})" if diff else "")
+
     def with_(self, **changes) -> FastOptions:
         """A copy with some fields changed."""
         return replace(self, **changes)

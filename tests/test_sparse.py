@@ -310,3 +310,32 @@ def test_band_vs_dense_tool_parses_fast_options():
     assert tool["parse_variant"]("band=")[1] == FastOptions()
     with pytest.raises(argparse.ArgumentTypeError, match="not a FastOptions field"):
         tool["parse_variant"]("x=halos:3")
+
+
+def test_default_decoding_follows_the_schedule(sample, monkeypatch):
+    """No ``fast`` given: one scale runs the band with growth, several scales run dense."""
+    assert FastOptions.default_for((1.0,)) == FastOptions(grow=4, halo=96)
+    assert FastOptions.default_for((0.5, 1.0)).is_dense
+    assert FastOptions.dense().describe() == "dense"
+    assert FastOptions(grow=4, halo=96).describe() == "band(grow=4, halo=96)"
+    seen = []
+    real = sparse_mod.refine_fast
+
+    def spy(model, image, seg, scales, opts, **kw):
+        seen.append((tuple(scales), opts))
+        return real(model, image, seg, scales, opts, **kw)
+
+    import crm_d2.inference as inference_mod
+
+    monkeypatch.setattr(inference_mod, "refine_fast", spy)
+    img, mask = sample
+    one = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True), scales=(1.0,))
+    one.refine(img, mask)
+    one.refine(img, mask, scales=(0.5, 1.0))
+    fixed = CRMRefiner(one.model, scales=(1.0,), fast=FastOptions.dense())
+    fixed.refine(img, mask)
+    assert [s for s, _ in seen] == [(1.0,), (0.5, 1.0), (1.0,)]
+    assert seen[0][1] == FastOptions(grow=4, halo=96)
+    assert seen[1][1].is_dense and seen[2][1].is_dense
+    assert one.fast_options() == FastOptions(grow=4, halo=96)
+    assert fixed.fast_options((1.0,)).is_dense

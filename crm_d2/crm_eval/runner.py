@@ -136,7 +136,12 @@ class EvalConfig:
 def _refiner_record(refiner, scales: tuple[float, ...] | None) -> dict[str, Any]:
     """What of the refiner shapes the outputs: CRM's scales, or the other refiner's settings."""
     if isinstance(refiner, CRMRefiner):
-        return {"scales": list(refiner.scales if scales is None else scales)}
+        scales = tuple(refiner.scales if scales is None else scales)
+        record: dict[str, Any] = {"scales": list(scales)}
+        decoding = refiner.fast_options(scales)
+        if not decoding.is_dense:  # records cached with dense decoding stay valid
+            record["decoding"] = decoding.describe()
+        return record
     if scales is not None:
         raise ValueError(f"input scales are a CRM setting; the {refiner.kind} refiner has none")
     return refiner.settings_record()
