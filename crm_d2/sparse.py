@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .modeling.crm import CRMNet, GridGeometry
-from .tiling import encode_window, encoder_bytes_per_pixel, feature_size
+from .tiling import encode_window, encoder_bytes_per_pixel, feature_size, receptive_radius
 
 __all__ = ["FastOptions", "boundary_band", "refine_fast"]
 
@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
 _DECODE_BYTES_PER_QUERY = 1024  # live float32 values of decode_pixels per query, with margin
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DENSE_MEMORY_MB = 1024.0  # encoder budget of dense decoding (FastOptions.dense)
+_EXACT_HALO_MARGIN = 8  # input pixels added to the receptive radius for halo=None
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,11 @@ class FastOptions:
         scan_stride: lattice step of ``scan`` in encoder-input pixels.
         stride: strided decoding step in full-resolution pixels; 1 turns it off.
         tile: core size of an encoder window in encoder-input pixels (a multiple of 8); smaller
-            windows skip more empty image, larger ones waste less on halos.
+            windows skip more empty image, larger ones waste less on halos. None: the largest
+            that fits ``memory_mb`` with its halo.
         halo: encoder-input pixels of context around each window (see :mod:`crm_d2.tiling`).
+            None: the trunk's receptive radius (:func:`crm_d2.tiling.receptive_radius`), so
+            that windows give the whole-image features (to float rounding).
         memory_mb: budget for one encoder window and one decoder chunk (activations only);
             windows and chunks shrink to fit it. The whole image is encoded in one pass when it
             fits the budget and most of it has pixels to decode.
@@ -96,8 +101,8 @@ class FastOptions:
     scan: float | None = None
     scan_stride: float = 2.0
     stride: int = 1
-    tile: int = 96
-    halo: int = 32
+    tile: int | None = 96
+    halo: int | None = 32
     memory_mb: float = 768.0
     skip_padding: bool = True
     autocast: str | None = None
@@ -117,19 +122,25 @@ class FastOptions:
             raise ValueError(f"scan_stride must be > 0, got {self.scan_stride}")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
-        if self.tile < 8 or self.tile % 8:
-            raise ValueError(f"tile must be a positive multiple of 8, got {self.tile}")
-        if self.halo < 0:
-            raise ValueError(f"halo must be >= 0, got {self.halo}")
+        if self.tile is not None and (self.tile < 8 or self.tile % 8):
+            raise ValueError(f"tile must be a positive multiple of 8 or None, got {self.tile}")
+        if self.halo is not None and self.halo < 0:
+            raise ValueError(f"halo must be >= 0 or None, got {self.halo}")
         if not (self.memory_mb > 0):
             raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
         if self.autocast not in (None, *_AUTOCAST):
             raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
 
     @classmethod
-    def dense(cls) -> FastOptions:
-        """Decode every pixel from whole-image features: the authors' function (to ~1e-6)."""
-        return cls(band=None, stride=1, memory_mb=float("inf"), skip_padding=False)
+    def dense(cls, memory_mb: float = DENSE_MEMORY_MB) -> FastOptions:
+        """Decode every pixel from whole-image features: the authors' function (to ~1e-6).
+
+        An image whose encoder activations exceed ``memory_mb`` at a scale is encoded in
+        windows with the trunk's receptive radius as halo, which give the same features, so
+        that peak memory follows the budget, not the image (``float("inf")``: one pass).
+        """
+        return cls(band=None, stride=1, tile=None, halo=None, memory_mb=memory_mb,
+                   skip_padding=False)
 
     @classmethod
     def default_for(cls, scales: Sequence[float]) -> FastOptions:
@@ -146,7 +157,8 @@ class FastOptions:
     @property
     def is_dense(self) -> bool:
         """Every pixel decoded from whole-image features (the authors' function)."""
-        return self == FastOptions.dense()
+        return (self.band is None and self.stride == 1 and self.halo is None
+                and not self.skip_padding and self.autocast is None)
 
     def describe(self) -> str:
         """``"dense"`` or the fields that differ from :class:`FastOptions`'s defaults."""
@@ -243,9 +255,15 @@ class _ScaleDecoder:
         itemsize = 2 if opts.autocast else 4
         self.bpp = encoder_bytes_per_pixel(net, bsz, itemsize)
         self.whole_fits = h * w * self.bpp <= budget
-        tile = opts.tile
-        while tile > 8 and (tile + 2 * opts.halo) ** 2 * self.bpp > budget:
-            tile //= 2
+        self.halo = (receptive_radius(net.arch) + _EXACT_HALO_MARGIN if opts.halo is None
+                     else opts.halo)
+        halo = math.ceil(self.halo / 8) * 8
+        if opts.tile is None:  # the largest square core that fits the budget with its halo
+            tile = int(math.sqrt(budget / self.bpp)) - 2 * halo if budget < math.inf else h + w
+        else:
+            tile = opts.tile
+            while tile > 8 and (tile + 2 * halo) ** 2 * self.bpp > budget:
+                tile //= 2
         self.tile = max(8, tile // 8 * 8)
         self.chunk = max(1024, int(min(chunk, budget // _DECODE_BYTES_PER_QUERY)))
         self.whole: Tensor | None = None
@@ -273,8 +291,7 @@ class _ScaleDecoder:
                     proj = self.net.project_features(self.net.encode(img, msk))
                     self.encoded_pixels += img.shape[-2] * img.shape[-1]
                 else:
-                    proj = encode_window(self.net, img, msk, rows, cols, self.opts.halo,
-                                         stats=self)
+                    proj = encode_window(self.net, img, msk, rows, cols, self.halo, stats=self)
             return proj.float()
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not (self.opts.oom_retry and _is_oom(err)):
@@ -353,7 +370,7 @@ class _ScaleDecoder:
         if not blocks:
             return 0
         h, w = self.image.shape[-2:]
-        win = self.tile + 2 * math.ceil(self.opts.halo / 8) * 8
+        win = self.tile + 2 * math.ceil(self.halo / 8) * 8
         use_whole = self.whole is not None or (
             self.whole_fits and len(blocks) * win * win >= 0.8 * h * w
         )
