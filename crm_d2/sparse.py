@@ -340,6 +340,18 @@ class _ScaleDecoder:
             self.queries += end - start
             start = end
 
+    def blocks(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Pixel rows and columns of the grid blocks: ``tile // 2`` feature cells each way."""
+        tc = self.tile // 2  # window core in feature cells
+        fh, fw = self.fsize
+        iy0, ix0 = self.geom.iy[0], self.geom.ix[0]
+        edges_r = torch.searchsorted(iy0, torch.arange(0, fh + tc, tc, device=iy0.device))
+        edges_c = torch.searchsorted(ix0, torch.arange(0, fw + tc, tc, device=ix0.device))
+        er, ec = edges_r.tolist(), edges_c.tolist()
+        return [((er[i], er[i + 1]), (ec[j], ec[j + 1]))
+                for i in range(len(er) - 1) if er[i] < er[i + 1]
+                for j in range(len(ec) - 1) if ec[j] < ec[j + 1]]
+
     def decode(self, todo: Tensor, out: Tensor) -> int:
         """Write the logits of the pixels ``todo`` (B, Hp, Wp) bool into ``out`` (B, Hp, Wp).
 
@@ -437,19 +449,29 @@ def _strided_decode(dec: _ScaleDecoder, cand: Tensor, n: int, out: Tensor) -> Te
 
 
 def _dense_decode(dec: _ScaleDecoder, chunk: int) -> Tensor:
-    """Every pixel from whole-image features with the grid decoder (whole rows per call)."""
+    """Every pixel with the grid decoder, from whole-image features (row spans per call) or, when
+    they do not fit the budget, from one encoder window per block of pixels."""
     hp, wp = dec.grid_size
-    feat = dec.net.encode(dec.image, dec.mask)
-    dec.encoded_pixels += dec.image.shape[-2] * dec.image.shape[-1]
-    bsz = feat.shape[0]
-    logits = torch.empty(bsz, hp * wp, device=feat.device)
-    step = max(1, chunk // wp)
-    spans = [(a, min(a + step, hp)) for a in range(0, hp, step)]
-    for a, b in spans:
-        out = dec.net.decode_grid(feat, (hp, wp), rows=(a, b))
-        logits[:, a * wp : b * wp] = out.reshape(bsz, -1)
+    bsz = dec.image.shape[0]
+    logits = torch.empty(bsz, hp, wp, device=dec.image.device)
+    if dec.whole_fits:
+        blocks = [((0, hp), (0, wp))]
+        proj, origin = dec._encode((0, dec.fsize[0]), (0, dec.fsize[1]), True), (0, 0)
+    else:
+        blocks = dec.blocks()
+    for rows, cols in blocks:
+        if not dec.whole_fits:
+            span_r = dec.geom.cell_span_rows(*rows)
+            span_c = dec.geom.cell_span_cols(*cols)
+            proj, origin = dec._encode(span_r, span_c, False), (span_r[0], span_c[0])
+        step = max(1, chunk // (cols[1] - cols[0]))
+        for a in range(rows[0], rows[1], step):
+            b = min(a + step, rows[1])
+            logits[:, a:b, cols[0] : cols[1]] = dec.net.decode_grid_window(
+                proj, (hp, wp), dec.fsize, (a, b), cols, origin)
+        del proj
     dec.queries += hp * wp
-    return logits.view(bsz, hp, wp)
+    return logits
 
 
 def _decode_into(dec: _ScaleDecoder, todo: Tensor, stride: int, logits: Tensor) -> None:
@@ -547,7 +569,7 @@ def refine_fast(
         if progress is not None:
             progress(stage, 0, 1)  # the scale starts: encoding
         dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk)
-        if width is None and opts.stride == 1 and dec.whole_fits:
+        if width is None and opts.stride == 1 and (dec.whole_fits or opts.halo is None):
             logits = _dense_decode(dec, chunk)
         else:
             logits = torch.zeros(bsz, hp, wp, device=seg.device)
