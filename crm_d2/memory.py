@@ -3,15 +3,16 @@
 Shape shorthand: H, W size of the refined image (or ROI); Hp, Wp = H + 64, W + 64 (the 32-px
 reflect padding on each side).
 
-Today's inference keeps the encoder's activations of the finest scale and several full-size
-maps in memory at once, whatever ``chunk_size`` is: the peak grows linearly with the padded
-pixel count at the finest scale. :func:`estimate_refine_bytes` models that with one number per
+Inference keeps several full-size maps in memory at once, and the encoder's activations of one
+pass: the whole image at a scale when they fit the decoding's budget (``FastOptions.memory_mb``,
+1 GiB for dense decoding), windows of it otherwise (:mod:`crm_d2.sparse`). The peak therefore
+grows linearly with the padded pixel count, with an encoder term capped by the budget.
+:func:`estimate_refine_bytes` models the uncapped encoder term with one number per
 architecture, measured on a 2-core x86-64 CPU with torch 2.14 (peak RSS minus the RSS before
 the call: lite weights 706 and 663 bytes per padded pixel at scale 1 on 1000x750 and 2000x1500
 random images, 765 with the four default scales on 2000x1500; the official architecture 1654
 and 1382 with the default scales on 1000x750 and 2000x1500; see :data:`BYTES_PER_PIXEL`).
-When inference changes (bounded memory), update the model here: the CLIs only call
-:func:`check_memory`.
+When inference changes, update the model here: the CLIs only call :func:`check_memory`.
 
 Long runs: memory grows with the number of distinct ROI shapes a process has refined (issue 13
 measured 281 -> 547 MiB over 300 API calls with random ROI sizes, then flat; fixed sizes stay
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from .modeling.crm import CRMArch
+from .sparse import DENSE_MEMORY_MB
 
 __all__ = ["BYTES_PER_PIXEL", "available_bytes", "check_memory", "estimate_refine_bytes"]
 
@@ -54,7 +56,8 @@ def _per_pixel(arch: CRMArch) -> float:
 
 
 def estimate_refine_bytes(
-    height: int, width: int, arch: CRMArch, scales: Sequence[float], batch: int = 1
+    height: int, width: int, arch: CRMArch, scales: Sequence[float], batch: int = 1,
+    memory_mb: float = DENSE_MEMORY_MB,
 ) -> int:
     """Estimated peak memory of refining ``batch`` (H, W) inputs with ``scales``.
 
@@ -63,14 +66,16 @@ def estimate_refine_bytes(
         arch: the network's architecture.
         scales: the inference scales (the finest one sets the peak).
         batch: same-size inputs refined in one call.
+        memory_mb: the decoding's encoder budget (``FastOptions.memory_mb``): beyond it the
+            encoder runs on windows, plus one decoder chunk of the same budget at most.
 
     Returns:
         Bytes, an estimate (within about 20% on the machines measured).
     """
     finest = max(scales) if scales else 1.0
     padded = (height + 64) * (width + 64)
-    per_pixel = _FULL_RES_BYTES + _per_pixel(arch) * finest**2
-    return int(_FIXED_BYTES + batch * padded * per_pixel)
+    encoder = min(batch * padded * _per_pixel(arch) * finest**2, 1.25 * memory_mb * 2**20)
+    return int(_FIXED_BYTES + batch * padded * _FULL_RES_BYTES + encoder)
 
 
 def available_bytes(device: torch.device | str) -> int | None:
@@ -114,7 +119,7 @@ def check_memory(
     Raises:
         MemoryError: when the estimate exceeds :func:`available_bytes`.
     """
-    need = estimate_refine_bytes(height, width, arch, scales, batch)
+    need = estimate_refine_bytes(height, width, arch, scales, batch)  # the default budgets
     have = available_bytes(device)
     if have is not None and need > have:
         raise MemoryError(

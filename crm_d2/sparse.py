@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .modeling.crm import CRMNet, GridGeometry
-from .tiling import encode_window, encoder_bytes_per_pixel, feature_size
+from .tiling import encode_window, encoder_bytes_per_pixel, feature_size, receptive_radius
 
 __all__ = ["FastOptions", "boundary_band", "refine_fast"]
 
@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
 _DECODE_BYTES_PER_QUERY = 1024  # live float32 values of decode_pixels per query, with margin
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DENSE_MEMORY_MB = 1024.0  # encoder budget of dense decoding (FastOptions.dense)
+_EXACT_HALO_MARGIN = 8  # input pixels added to the receptive radius for halo=None
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,11 @@ class FastOptions:
         scan_stride: lattice step of ``scan`` in encoder-input pixels.
         stride: strided decoding step in full-resolution pixels; 1 turns it off.
         tile: core size of an encoder window in encoder-input pixels (a multiple of 8); smaller
-            windows skip more empty image, larger ones waste less on halos.
+            windows skip more empty image, larger ones waste less on halos. None: the largest
+            that fits ``memory_mb`` with its halo.
         halo: encoder-input pixels of context around each window (see :mod:`crm_d2.tiling`).
+            None: the trunk's receptive radius (:func:`crm_d2.tiling.receptive_radius`), so
+            that windows give the whole-image features (to float rounding).
         memory_mb: budget for one encoder window and one decoder chunk (activations only);
             windows and chunks shrink to fit it. The whole image is encoded in one pass when it
             fits the budget and most of it has pixels to decode.
@@ -96,8 +101,8 @@ class FastOptions:
     scan: float | None = None
     scan_stride: float = 2.0
     stride: int = 1
-    tile: int = 96
-    halo: int = 32
+    tile: int | None = 96
+    halo: int | None = 32
     memory_mb: float = 768.0
     skip_padding: bool = True
     autocast: str | None = None
@@ -117,19 +122,25 @@ class FastOptions:
             raise ValueError(f"scan_stride must be > 0, got {self.scan_stride}")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
-        if self.tile < 8 or self.tile % 8:
-            raise ValueError(f"tile must be a positive multiple of 8, got {self.tile}")
-        if self.halo < 0:
-            raise ValueError(f"halo must be >= 0, got {self.halo}")
+        if self.tile is not None and (self.tile < 8 or self.tile % 8):
+            raise ValueError(f"tile must be a positive multiple of 8 or None, got {self.tile}")
+        if self.halo is not None and self.halo < 0:
+            raise ValueError(f"halo must be >= 0 or None, got {self.halo}")
         if not (self.memory_mb > 0):
             raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
         if self.autocast not in (None, *_AUTOCAST):
             raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
 
     @classmethod
-    def dense(cls) -> FastOptions:
-        """Decode every pixel from whole-image features: the authors' function (to ~1e-6)."""
-        return cls(band=None, stride=1, memory_mb=float("inf"), skip_padding=False)
+    def dense(cls, memory_mb: float = DENSE_MEMORY_MB) -> FastOptions:
+        """Decode every pixel from whole-image features: the authors' function (to ~1e-6).
+
+        An image whose encoder activations exceed ``memory_mb`` at a scale is encoded in
+        windows with the trunk's receptive radius as halo, which give the same features, so
+        that peak memory follows the budget, not the image (``float("inf")``: one pass).
+        """
+        return cls(band=None, stride=1, tile=None, halo=None, memory_mb=memory_mb,
+                   skip_padding=False)
 
     @classmethod
     def default_for(cls, scales: Sequence[float]) -> FastOptions:
@@ -146,7 +157,8 @@ class FastOptions:
     @property
     def is_dense(self) -> bool:
         """Every pixel decoded from whole-image features (the authors' function)."""
-        return self == FastOptions.dense()
+        return (self.band is None and self.stride == 1 and self.halo is None
+                and not self.skip_padding and self.autocast is None)
 
     def describe(self) -> str:
         """``"dense"`` or the fields that differ from :class:`FastOptions`'s defaults."""
@@ -243,9 +255,15 @@ class _ScaleDecoder:
         itemsize = 2 if opts.autocast else 4
         self.bpp = encoder_bytes_per_pixel(net, bsz, itemsize)
         self.whole_fits = h * w * self.bpp <= budget
-        tile = opts.tile
-        while tile > 8 and (tile + 2 * opts.halo) ** 2 * self.bpp > budget:
-            tile //= 2
+        self.halo = (receptive_radius(net.arch) + _EXACT_HALO_MARGIN if opts.halo is None
+                     else opts.halo)
+        halo = math.ceil(self.halo / 8) * 8
+        if opts.tile is None:  # the largest square core that fits the budget with its halo
+            tile = int(math.sqrt(budget / self.bpp)) - 2 * halo if budget < math.inf else h + w
+        else:
+            tile = opts.tile
+            while tile > 8 and (tile + 2 * halo) ** 2 * self.bpp > budget:
+                tile //= 2
         self.tile = max(8, tile // 8 * 8)
         self.chunk = max(1024, int(min(chunk, budget // _DECODE_BYTES_PER_QUERY)))
         self.whole: Tensor | None = None
@@ -273,8 +291,7 @@ class _ScaleDecoder:
                     proj = self.net.project_features(self.net.encode(img, msk))
                     self.encoded_pixels += img.shape[-2] * img.shape[-1]
                 else:
-                    proj = encode_window(self.net, img, msk, rows, cols, self.opts.halo,
-                                         stats=self)
+                    proj = encode_window(self.net, img, msk, rows, cols, self.halo, stats=self)
             return proj.float()
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not (self.opts.oom_retry and _is_oom(err)):
@@ -323,6 +340,18 @@ class _ScaleDecoder:
             self.queries += end - start
             start = end
 
+    def blocks(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Pixel rows and columns of the grid blocks: ``tile // 2`` feature cells each way."""
+        tc = self.tile // 2  # window core in feature cells
+        fh, fw = self.fsize
+        iy0, ix0 = self.geom.iy[0], self.geom.ix[0]
+        edges_r = torch.searchsorted(iy0, torch.arange(0, fh + tc, tc, device=iy0.device))
+        edges_c = torch.searchsorted(ix0, torch.arange(0, fw + tc, tc, device=ix0.device))
+        er, ec = edges_r.tolist(), edges_c.tolist()
+        return [((er[i], er[i + 1]), (ec[j], ec[j + 1]))
+                for i in range(len(er) - 1) if er[i] < er[i + 1]
+                for j in range(len(ec) - 1) if ec[j] < ec[j + 1]]
+
     def decode(self, todo: Tensor, out: Tensor) -> int:
         """Write the logits of the pixels ``todo`` (B, Hp, Wp) bool into ``out`` (B, Hp, Wp).
 
@@ -353,7 +382,7 @@ class _ScaleDecoder:
         if not blocks:
             return 0
         h, w = self.image.shape[-2:]
-        win = self.tile + 2 * math.ceil(self.opts.halo / 8) * 8
+        win = self.tile + 2 * math.ceil(self.halo / 8) * 8
         use_whole = self.whole is not None or (
             self.whole_fits and len(blocks) * win * win >= 0.8 * h * w
         )
@@ -420,19 +449,29 @@ def _strided_decode(dec: _ScaleDecoder, cand: Tensor, n: int, out: Tensor) -> Te
 
 
 def _dense_decode(dec: _ScaleDecoder, chunk: int) -> Tensor:
-    """Every pixel from whole-image features with the grid decoder (whole rows per call)."""
+    """Every pixel with the grid decoder, from whole-image features (row spans per call) or, when
+    they do not fit the budget, from one encoder window per block of pixels."""
     hp, wp = dec.grid_size
-    feat = dec.net.encode(dec.image, dec.mask)
-    dec.encoded_pixels += dec.image.shape[-2] * dec.image.shape[-1]
-    bsz = feat.shape[0]
-    logits = torch.empty(bsz, hp * wp, device=feat.device)
-    step = max(1, chunk // wp)
-    spans = [(a, min(a + step, hp)) for a in range(0, hp, step)]
-    for a, b in spans:
-        out = dec.net.decode_grid(feat, (hp, wp), rows=(a, b))
-        logits[:, a * wp : b * wp] = out.reshape(bsz, -1)
+    bsz = dec.image.shape[0]
+    logits = torch.empty(bsz, hp, wp, device=dec.image.device)
+    if dec.whole_fits:
+        blocks = [((0, hp), (0, wp))]
+        proj, origin = dec._encode((0, dec.fsize[0]), (0, dec.fsize[1]), True), (0, 0)
+    else:
+        blocks = dec.blocks()
+    for rows, cols in blocks:
+        if not dec.whole_fits:
+            span_r = dec.geom.cell_span_rows(*rows)
+            span_c = dec.geom.cell_span_cols(*cols)
+            proj, origin = dec._encode(span_r, span_c, False), (span_r[0], span_c[0])
+        step = max(1, chunk // (cols[1] - cols[0]))
+        for a in range(rows[0], rows[1], step):
+            b = min(a + step, rows[1])
+            logits[:, a:b, cols[0] : cols[1]] = dec.net.decode_grid_window(
+                proj, (hp, wp), dec.fsize, (a, b), cols, origin)
+        del proj
     dec.queries += hp * wp
-    return logits.view(bsz, hp, wp)
+    return logits
 
 
 def _decode_into(dec: _ScaleDecoder, todo: Tensor, stride: int, logits: Tensor) -> None:
@@ -530,7 +569,7 @@ def refine_fast(
         if progress is not None:
             progress(stage, 0, 1)  # the scale starts: encoding
         dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk)
-        if width is None and opts.stride == 1 and dec.whole_fits:
+        if width is None and opts.stride == 1 and (dec.whole_fits or opts.halo is None):
             logits = _dense_decode(dec, chunk)
         else:
             logits = torch.zeros(bsz, hp, wp, device=seg.device)

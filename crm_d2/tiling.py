@@ -54,6 +54,8 @@ def feature_size(size: tuple[int, int]) -> tuple[int, int]:
 
 def receptive_radius(arch: CRMArch) -> int:
     """Theoretical receptive-field radius, in input pixels, of one fused feature cell."""
+    if arch.encoder != "resnet":
+        return _efficientnet_radius(arch.encoder)
     r, jump = 3, 2  # conv1 7x7 stride 2
     r, jump = r + jump, jump * 2  # maxpool 3x3 stride 2
     convs = 2 if arch.block == "basic" else 1  # 3x3 convs per block
@@ -65,6 +67,17 @@ def receptive_radius(arch: CRMArch) -> int:
     r += (arch.layers[2] - 1) * convs * 2 * jump  # dilation 2
     # the fusion's bilinear resize reads the next x3 sample; last_conv is 3x3 on the x1 grid
     return r + jump + 2
+
+
+def _efficientnet_radius(variant: str) -> int:
+    """:func:`receptive_radius` of the EfficientNet-Lite trunk: its depthwise convolutions."""
+    from .modeling.efficientnet import efficientnet_convs
+
+    r, jump = 0, 1
+    for kernel, stride, dilation in efficientnet_convs(variant):
+        r += (kernel // 2) * dilation * jump
+        jump *= stride
+    return r + jump + 2  # the fusion's resize and 3x3 conv, as for the ResNet trunk
 
 
 def encoder_bytes_per_pixel(net: CRMNet, batch: int = 1, itemsize: int = 4) -> int:

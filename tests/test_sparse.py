@@ -339,3 +339,52 @@ def test_default_decoding_follows_the_schedule(sample, monkeypatch):
     assert seen[1][1].is_dense and seen[2][1].is_dense
     assert one.fast_options() == FastOptions(grow=4, halo=96)
     assert fixed.fast_options((1.0,)).is_dense
+
+
+def test_dense_over_budget_is_windowed_and_equal(refiner):
+    """Dense decoding of an image over its memory budget: exact-halo windows, the same answer."""
+    img, mask = _sample(97, 131)
+    whole = refiner.refine(img, mask, scales=(0.5, 1.0), fast=FastOptions.dense(float("inf")))
+    small = FastOptions.dense(memory_mb=1.0)
+    assert small.is_dense and small.tile is None and small.halo is None
+    stats: dict = {}
+    windows = refiner.refine_tensors(*prepare_inputs(img, mask), scales=(0.5, 1.0), fast=small,
+                                     stats=stats)[0].numpy()
+    assert stats["encoder_pixels"][-1] > (97 + 64) * (131 + 64)  # windows with halos ran
+    assert stats["queries"][-1] == (97 + 64) * (131 + 64)  # and every pixel was decoded
+    assert np.abs(whole - windows).max() < 1e-5
+
+
+def test_receptive_radius_of_the_efficientnet_trunk():
+    """Windows with the computed radius as halo give the whole-image features (Lite0 trunk)."""
+    from crm_d2.modeling.crm import CRMArch
+
+    arch = CRMArch(encoder="efficientnet_lite0", feat_dim=32, mlp_hidden=(16, 16))
+    net = random_crm(arch, 3, random_bn=True)
+    radius = receptive_radius(arch)
+    assert radius == 179  # stem, then the depthwise kernels with their strides and dilations
+    torch.manual_seed(4)
+    img, msk = torch.randn(1, 3, 430, 430), torch.rand(1, 1, 430, 430) * 2 - 1
+    with torch.no_grad():
+        full = net.project_features(net.encode(img, msk))
+        rows, cols = (100, 116), (100, 116)  # a window far from every border
+        ref = full[:, rows[0] : rows[1], cols[0] : cols[1]]
+        win = encode_window(net, img, msk, rows, cols, halo=radius)
+        assert (win - ref).abs().max() < 1e-4
+        short = encode_window(net, img, msk, rows, cols, halo=0)  # a window without context
+        assert (short - ref).abs().max() > 1e-3
+
+
+def test_memory_estimate_caps_the_encoder_at_the_budget():
+    """Beyond the dense budget the encoder runs on windows: only the full-size maps keep growing."""
+    from crm_d2.memory import _FIXED_BYTES, _FULL_RES_BYTES, estimate_refine_bytes
+    from crm_d2.modeling.crm import CRMArch
+    from crm_d2.sparse import DENSE_MEMORY_MB
+
+    arch = CRMArch()
+    small = estimate_refine_bytes(200, 300, arch, (1.0,))
+    assert small > _FIXED_BYTES + 264 * 364 * 1000  # the whole-image encoder term, uncapped
+    big = estimate_refine_bytes(4000, 6000, arch, (0.125, 0.25, 0.5, 1.0))
+    cap = 1.25 * DENSE_MEMORY_MB * 2**20
+    assert big == int(_FIXED_BYTES + 4064 * 6064 * _FULL_RES_BYTES + cap)
+    assert big < 3 * 2**30

@@ -8,10 +8,13 @@ machine and the command, to ``--output`` (BENCHMARKS.md). Cases:
 1. ``img1``: the demo photo (``highres_demo/aeroplane.jpg``) and its coarse mask resized to
    2560x1706, 4 scales, with the official ResNet-50 architecture (random weights in the official
    format, calibrated so that logits are not saturated: there are no official weights here) and
-   with the shipped weights. Modes: ``exact`` (the authors' arithmetic), ``dense`` (every pixel,
-   grid decoder; equals exact to ~1e-5), ``default`` (band decoding + windowed encoder),
-   ``stride4`` (strided decoding alone), ``band+stride2``.
-2. ``big``: 6000x4000 (and 3000x2000 for the growth with pixels), default path.
+   with the shipped weights. Modes: ``exact`` (the authors' arithmetic), ``default`` (the
+   library's default for the schedule, :meth:`FastOptions.default_for`: dense decoding with a
+   1-GiB encoder budget over several scales, band decoding at one), ``dense`` (every pixel from
+   one whole-image encoder pass; equals exact to ~1e-5), ``band`` (``FastOptions()``: band
+   decoding + windowed encoder), ``stride4`` (strided decoding alone), ``band+stride2``.
+2. ``big``: 6000x4000 (and 3000x2000 for the growth with pixels), ``--big-modes`` (default:
+   the band path) at ``--big-scales``.
 3. ``coco``: the segments of a COCO panoptic image through ``crm_d2.segments.refine_segments``
    (shipped weights), and the inner Panoptic FPN R50 (random weights) on the same image when
    detectron2 imports.
@@ -45,10 +48,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-MODES = {
+MODES = {  # FastOptions fields; None = exact=True; "library" = the refiner's own default
     "exact": None,
+    "default": "library",
     "dense": dict(band=None, stride=1, memory_mb=float("inf"), skip_padding=False),
-    "default": {},
+    "band": {},
     "stride4": dict(band=None, stride=4),
     "band+stride2": dict(stride=2),
 }
@@ -78,7 +82,7 @@ def _fast(mode: str):
     from crm_d2.sparse import FastOptions
 
     spec = MODES[mode]
-    return None if spec is None else FastOptions(**spec)
+    return None if spec is None or spec == "library" else FastOptions(**spec)
 
 
 def _demo(data: str, size: tuple[int, int]):
@@ -127,14 +131,15 @@ def _case_refine(args) -> dict:
     img_t, msk_t = prepare_inputs(image, mask)
     stats: dict = {}
     t0 = time.perf_counter()
-    prob = refiner.refine_tensors(img_t, msk_t, scales=SCALES4, exact=args.mode == "exact",
+    scales = tuple(args.scales or SCALES4)
+    prob = refiner.refine_tensors(img_t, msk_t, scales=scales, exact=args.mode == "exact",
                                   fast=_fast(args.mode), stats=stats)[0].numpy()
     seconds = time.perf_counter() - t0
     mc = _mac_counts(refiner)
     hp, wp = h + 2 * PAD, w + 2 * PAD
     if args.mode == "exact":
-        enc_px = [max(1, round(hp * s)) * max(1, round(wp * s)) for s in SCALES4]
-        queries = [hp * wp] * len(SCALES4)
+        enc_px = [max(1, round(hp * s)) * max(1, round(wp * s)) for s in scales]
+        queries = [hp * wp] * len(scales)
         dec = mc["dec_exact"]
         proj = 0
     else:
@@ -251,7 +256,7 @@ def _case_heldout(args) -> dict:
                                   rng)
             res = {"source": kind, "size": f"{image.shape[1]}x{image.shape[0]}"}
             ref = None
-            for mode in ("dense", "default", "stride4", "band+stride2"):
+            for mode in ("dense", "band", "stride4", "band+stride2"):
                 t0 = time.perf_counter()
                 prob = refiner.refine(image, coarse, scales=SCALES4, fast=_fast(mode))
                 pred = prob > 0.5
@@ -371,6 +376,12 @@ def main(argv=None) -> int:
     ap.add_argument("--img1", default="2560x1706", help="WxH of image 1")
     ap.add_argument("--big", nargs="*", default=["3000x2000", "6000x4000"],
                     help="WxH sizes of case 2 (r50; lite at the last one)")
+    ap.add_argument("--big-modes", nargs="+", default=["band"], choices=sorted(MODES),
+                    help="modes of case 2")
+    ap.add_argument("--big-scales", type=float, nargs="+", default=list(SCALES4),
+                    help="scales of case 2")
+    ap.add_argument("--big-weights", nargs="+", default=["r50", "lite"],
+                    help="weights of case 2: r50 at every size, lite at the last")
     ap.add_argument("--heldout-davis", type=int, default=3)
     ap.add_argument("--heldout-ecssd", type=int, default=5)
     # child-only arguments
@@ -379,6 +390,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
+    ap.add_argument("--scales", type=float, nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -390,26 +402,32 @@ def main(argv=None) -> int:
     rate = _matmul_rate(args.threads)
     results: list[tuple[str, dict]] = []
 
-    def refine_case(weights: str, mode: str, size: str) -> None:
-        out = os.path.join(tmp, f"{weights}_{mode}_{size}.npy")
+    def refine_case(weights: str, mode: str, size: str, scales=SCALES4) -> None:
+        out = os.path.join(tmp, f"{weights}_{mode}_{size}_{len(scales)}.npy")
         res = _run(common + ["--case", "refine", "--weights", weights, "--mode", mode,
-                             "--size", size, "--out", out], args.timeout)
+                             "--size", size, "--out", out,
+                             "--scales", *map(str, scales)], args.timeout)
         res["mask"] = out
-        label = f"{size} {weights} {mode}"
+        label = f"{size} {weights} {mode}" + ("" if tuple(scales) == SCALES4 else
+                                              f" ({len(scales)} scale{'s' * (len(scales) > 1)})")
         results.append((label, res))
         print(f"{label}: {res}", flush=True)
 
     img1 = args.img1
     if "img1" not in args.skip:
         order = ([] if "exact" in args.skip else [("r50", "exact")]) + [
-            ("r50", "default"), ("lite", "dense"), ("lite", "default")]
+            ("r50", "default"), ("r50", "band"), ("lite", "dense"), ("lite", "default"),
+            ("lite", "band")]
         for weights, mode in order:
             refine_case(weights, mode, img1)
     if "big" not in args.skip:
-        for weights, size in [("r50", s) for s in args.big] + [("lite", args.big[-1])]:
-            refine_case(weights, "default", size)
+        cases = [("r50", s) for s in args.big] * ("r50" in args.big_weights) + [
+            ("lite", s) for s in args.big[-1:]] * ("lite" in args.big_weights)
+        for weights, size in cases:
+            for mode in args.big_modes:
+                refine_case(weights, mode, size, tuple(args.big_scales))
     if "coco" not in args.skip:
-        for mode in ("default", "dense", "default+canon", "dense+canon"):
+        for mode in ("default", "dense", "band", "band+canon", "dense+canon"):
             out = os.path.join(tmp, f"coco_{mode}.npy")
             res = _run(common + ["--case", "coco", "--mode", mode, "--out", out], args.timeout)
             res["mask"] = out
@@ -462,9 +480,9 @@ def _report(args, results, heldout, rate, img1) -> str:
     for label, res in results:
         if "seconds" not in res or "macs" not in res:
             continue
-        size, weights, _mode = label.split(" ", 2)
+        size, weights, mode = label.split(" ", 2)
         ref_label = f"{size} {weights} {'exact' if weights == 'r50' else 'dense'}"
-        ref = by.get(ref_label)
+        ref = None if "scale" in mode else by.get(ref_label)  # other schedules: no reference
         ratio = iou = mba = ""
         if ref and "seconds" in ref and ref_label != label:
             ratio = f"{ref['seconds'] / res['seconds']:.1f}x faster"
@@ -511,7 +529,7 @@ def _report(args, results, heldout, rate, img1) -> str:
         c_iou = np.mean([r["coarse"]["iou_gt"] for r in rows])
         c_mba = np.mean([r["coarse"]["mba_gt"] for r in rows])
         lines.append(f"| coarse input | {len(rows)} | | {c_iou:.4f} | {c_mba:.4f} | | |")
-        for mode in ("dense", "default", "stride4", "band+stride2"):
+        for mode in ("dense", "band", "stride4", "band+stride2"):
             vals = {k: np.mean([r[mode][k] for r in rows]) for k in rows[0][mode]}
             worst = min(r[mode]["iou_vs_dense"] for r in rows)
             lines.append(f"| {mode} | {len(rows)} | {vals['seconds']:.2f} | {vals['iou_gt']:.4f}"

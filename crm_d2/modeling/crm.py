@@ -358,18 +358,41 @@ class CRMNet(nn.Module):
             (B, r1 - r0, W) logits.
         """
         h, w = grid_size
-        r0, r1 = (0, h) if rows is None else rows
-        fh, fw = feat.shape[-2:]
+        rows = (0, h) if rows is None else rows
+        return self.decode_grid_window(self.project_features(feat), grid_size,
+                                       tuple(feat.shape[-2:]), rows, (0, w))
+
+    def decode_grid_window(
+        self,
+        proj: torch.Tensor,
+        grid_size: tuple[int, int],
+        feat_size: tuple[int, int],
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        origin: tuple[int, int] = (0, 0),
+    ) -> torch.Tensor:
+        """:meth:`decode_grid` of the block ``rows x cols`` from a window of projected features.
+
+        Args:
+            proj: (B, ph, pw, D) :meth:`project_features` of feature cells ``origin[0]:+ph``,
+                ``origin[1]:+pw`` of the whole ``feat_size`` map; it must hold every cell the
+                block reads (:meth:`GridGeometry.cell_span_rows` / ``cell_span_cols``).
+            grid_size: (H, W) of the whole query grid.
+            feat_size: (fh, fw) of the whole feature map.
+            rows, cols: ``(r0, r1)``, ``(c0, c1)`` grid rows and columns to decode.
+            origin: feature cell of ``proj[:, 0, 0]``.
+
+        Returns:
+            (B, r1 - r0, c1 - c0) logits.
+        """
+        h, w = grid_size
+        (r0, r1), (c0, c1) = rows, cols
+        fh, fw = feat_size
         first: nn.Linear = self.imnet.layers[0]
-        c = feat.shape[1]
-        w_feat = first.weight[:, :c]
-        w_ry, w_rx, w_cy, w_cx, w_sy, w_sx = first.weight[:, c:].unbind(dim=1)
-        # (B, fh, fw, D): channels last, so that gathers and the MLP work on contiguous rows
-        proj = F.conv2d(feat, w_feat[:, :, None, None].contiguous()).permute(0, 2, 3, 1)
-        proj = proj.contiguous()
-        dev, dt = feat.device, proj.dtype
+        w_ry, w_rx, w_cy, w_cx, w_sy, w_sx = first.weight[:, -6:].unbind(dim=1)
+        dev, dt = proj.device, proj.dtype
         ys, xs = make_coord_axes((h, w), device=dev)
-        ys = ys[r0:r1]
+        ys, xs = ys[r0:r1], xs[c0:c1]
         fys, fxs = make_coord_axes((fh, fw), device=dev)
         # constant part of the first layer: bias + relative cell (2/H * fh, 2/W * fw)
         const = first.bias + w_sy * (2.0 / h * fh) + w_sx * (2.0 / w * fw)
@@ -378,11 +401,11 @@ class CRMNet(nn.Module):
         for vy, vx in _SHIFTS:
             iy = _nearest_index(ys, vy * (1.0 / fh) + _EPS_SHIFT, fh)
             ix = _nearest_index(xs, vx * (1.0 / fw) + _EPS_SHIFT, fw)
-            q = proj.index_select(1, iy).index_select(2, ix)  # (B, h', W, D)
+            q = proj.index_select(1, iy - origin[0]).index_select(2, ix - origin[1])
             rel_y = (ys - fys[iy]) * fh  # (h',)
-            rel_x = (xs - fxs[ix]) * fw  # (W,)
+            rel_x = (xs - fxs[ix]) * fw  # (w',)
             row_term = torch.outer(rel_y, w_ry) + torch.outer(ys, w_cy)  # (h', D)
-            col_term = torch.outer(rel_x, w_rx) + torch.outer(xs, w_cx)  # (W, D)
+            col_term = torch.outer(rel_x, w_rx) + torch.outer(xs, w_cx)  # (w', D)
             out = q + (row_term[:, None, :] + col_term[None, :, :] + const).to(dt)
             for layer in list(self.imnet.layers)[1:]:
                 out = layer(out)

@@ -116,6 +116,22 @@ class MBConvBlock(nn.Module):
         return out + x if self.skip else out
 
 
+def efficientnet_convs(variant: str) -> list[tuple[int, int, int]]:
+    """``(kernel, stride, dilation)`` of the trunk's spatial convolutions, input to ``x3``."""
+    convs = [(3, 2, 1)]  # the stem
+    for si, st in enumerate(EFFICIENTNET_VARIANTS[variant][:_USED_STAGES]):
+        dilated = si >= _DILATED_FROM
+        for r in range(st.repeats):
+            convs.append((st.kernel, st.stride if (r == 0 and not dilated) else 1,
+                          _block_dilation(si, r)))
+    return convs
+
+
+def _block_dilation(stage: int, repeat: int) -> int:
+    # As in CRM's trunk: the first block of a dilated stage keeps dilation 1.
+    return 2 if stage >= _DILATED_FROM and (repeat > 0 or stage > _DILATED_FROM) else 1
+
+
 class EfficientNetLiteTrunk(nn.Module):
     """CRM encoder trunk on EfficientNet-Lite (see the module docstring for the taps).
 
@@ -142,9 +158,8 @@ class EfficientNetLiteTrunk(nn.Module):
             dilated = si >= _DILATED_FROM
             for r in range(st.repeats):
                 stride = st.stride if (r == 0 and not dilated) else 1
-                # As in CRM's trunk: the first block of a dilated stage keeps dilation 1.
-                dilation = 2 if dilated and (r > 0 or si > _DILATED_FROM) else 1
-                blocks.append(MBConvBlock(cin, st.out, st.kernel, stride, st.expand, dilation))
+                blocks.append(MBConvBlock(cin, st.out, st.kernel, stride, st.expand,
+                                          _block_dilation(si, r)))
                 cin = st.out
             self.tap_after.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
