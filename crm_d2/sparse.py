@@ -279,7 +279,8 @@ class _ScaleDecoder:
             return contextlib.nullcontext()
         return torch.autocast(self.image.device.type, dtype=_AUTOCAST[self.opts.autocast])
 
-    def _encode(self, rows: tuple[int, int], cols: tuple[int, int], whole: bool) -> Tensor:
+    def _encode(self, rows: tuple[int, int], cols: tuple[int, int], whole: bool,
+                fixed_shape: bool = False) -> Tensor:
         """(B, ph, pw, D) float32 projected features of a window, with OOM retry."""
         try:
             with self._autocast():
@@ -291,7 +292,8 @@ class _ScaleDecoder:
                     proj = self.net.project_features(self.net.encode(img, msk))
                     self.encoded_pixels += img.shape[-2] * img.shape[-1]
                 else:
-                    proj = encode_window(self.net, img, msk, rows, cols, self.halo, stats=self)
+                    proj = encode_window(self.net, img, msk, rows, cols, self.halo, stats=self,
+                                         fixed_shape=fixed_shape)
             return proj.float()
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not (self.opts.oom_retry and _is_oom(err)):
@@ -342,12 +344,17 @@ class _ScaleDecoder:
 
     def blocks(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """Pixel rows and columns of the grid blocks: ``tile // 2`` feature cells each way."""
-        tc = self.tile // 2  # window core in feature cells
         fh, fw = self.fsize
         iy0, ix0 = self.geom.iy[0], self.geom.ix[0]
-        edges_r = torch.searchsorted(iy0, torch.arange(0, fh + tc, tc, device=iy0.device))
-        edges_c = torch.searchsorted(ix0, torch.arange(0, fw + tc, tc, device=ix0.device))
-        er, ec = edges_r.tolist(), edges_c.tolist()
+
+        def edges(n: int, index: Tensor) -> list[int]:
+            # cores of (nearly) equal size: ceil(n / k) cells, k = ceil(n / (tile / 2))
+            k = -(-n // (self.tile // 2))
+            step = -(-n // k)
+            starts = torch.arange(0, n + step, step, device=index.device).clamp(max=n)
+            return torch.searchsorted(index, starts).tolist()
+
+        er, ec = edges(fh, iy0), edges(fw, ix0)
         return [((er[i], er[i + 1]), (ec[j], ec[j + 1]))
                 for i in range(len(er) - 1) if er[i] < er[i + 1]
                 for j in range(len(ec) - 1) if ec[j] < ec[j + 1]]
@@ -463,7 +470,8 @@ def _dense_decode(dec: _ScaleDecoder, chunk: int) -> Tensor:
         if not dec.whole_fits:
             span_r = dec.geom.cell_span_rows(*rows)
             span_c = dec.geom.cell_span_cols(*cols)
-            proj, origin = dec._encode(span_r, span_c, False), (span_r[0], span_c[0])
+            proj = dec._encode(span_r, span_c, False, fixed_shape=True)
+            origin = (span_r[0], span_c[0])
         step = max(1, chunk // (cols[1] - cols[0]))
         for a in range(rows[0], rows[1], step):
             b = min(a + step, rows[1])

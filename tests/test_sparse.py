@@ -213,11 +213,11 @@ def test_oom_retry_splits_windows(refiner, sample, monkeypatch):
     calls = {"oom": 0}
     real = sparse_mod.encode_window
 
-    def flaky(net, image, mask_, rows, cols, halo, stats=None):
+    def flaky(net, image, mask_, rows, cols, halo, stats=None, **kw):
         if rows[1] - rows[0] > 6:
             calls["oom"] += 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(net, image, mask_, rows, cols, halo, stats=stats)
+        return real(net, image, mask_, rows, cols, halo, stats=stats, **kw)
 
     monkeypatch.setattr(sparse_mod, "encode_window", flaky)
     got = refiner.refine(img, mask, scales=ONE, fast=opts)
@@ -388,3 +388,27 @@ def test_memory_estimate_caps_the_encoder_at_the_budget():
     cap = 1.25 * DENSE_MEMORY_MB * 2**20
     assert big == int(_FIXED_BYTES + 4064 * 6064 * _FULL_RES_BYTES + cap)
     assert big < 3 * 2**30
+
+
+def test_fixed_shape_windows_are_exact_and_share_a_shape(refiner):
+    """fixed_shape windows shift inward at the border: one input shape, the same features."""
+    net = refiner.model
+    torch.manual_seed(5)
+    img, msk = torch.randn(1, 3, 161, 203), torch.rand(1, 1, 161, 203) * 2 - 1
+    shapes = []
+
+    class Count:
+        encoded_pixels = 0
+
+    with torch.no_grad():
+        full = net.project_features(net.encode(img, msk))
+        fh, fw = full.shape[1:3]
+        corner = ((fh - 10, fh), (fw - 10, fw))
+        for rows, cols in (((0, 10), (0, 10)), ((40, 50), (45, 55)), corner):
+            stats = Count()
+            win = encode_window(net, img, msk, rows, cols, halo=HALO, stats=stats,
+                                fixed_shape=True)
+            shapes.append(stats.encoded_pixels)
+            ref = full[:, rows[0] : rows[1], cols[0] : cols[1]]
+            assert (win - ref).abs().max() < 1e-5
+    assert shapes[0] == shapes[1]  # border and interior windows: one shape

@@ -11,7 +11,8 @@ machine and the command, to ``--output`` (BENCHMARKS.md). Cases:
    with the shipped weights. Modes: ``exact`` (the authors' arithmetic), ``default`` (the
    library's default for the schedule, :meth:`FastOptions.default_for`: dense decoding with a
    1-GiB encoder budget over several scales, band decoding at one), ``dense`` (every pixel from
-   one whole-image encoder pass; equals exact to ~1e-5), ``band`` (``FastOptions()``: band
+   one whole-image encoder pass; equals exact to ~1e-5), ``dense-1g`` (the same within a 1-GiB
+   encoder budget: exact windows beyond it), ``band`` (``FastOptions()``: band
    decoding + windowed encoder), ``stride4`` (strided decoding alone), ``band+stride2``.
 2. ``big``: 6000x4000 (and 3000x2000 for the growth with pixels), ``--big-modes`` (default:
    the band path) at ``--big-scales``.
@@ -52,6 +53,8 @@ MODES = {  # FastOptions fields; None = exact=True; "library" = the refiner's ow
     "exact": None,
     "default": "library",
     "dense": dict(band=None, stride=1, memory_mb=float("inf"), skip_padding=False),
+    "dense-1g": dict(band=None, stride=1, tile=None, halo=None, memory_mb=1024.0,
+                     skip_padding=False),  # FastOptions.dense(): 1-GiB exact windows
     "band": {},
     "stride4": dict(band=None, stride=4),
     "band+stride2": dict(stride=2),
@@ -381,7 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--big-scales", type=float, nargs="+", default=list(SCALES4),
                     help="scales of case 2")
     ap.add_argument("--big-weights", nargs="+", default=["r50", "lite"],
-                    help="weights of case 2: r50 at every size, lite at the last")
+                    help="weights of case 2: r50 at every size, lite at the last (at every "
+                         "size when alone)")
     ap.add_argument("--heldout-davis", type=int, default=3)
     ap.add_argument("--heldout-ecssd", type=int, default=5)
     # child-only arguments
@@ -421,8 +425,9 @@ def main(argv=None) -> int:
         for weights, mode in order:
             refine_case(weights, mode, img1)
     if "big" not in args.skip:
+        lite_sizes = args.big if args.big_weights == ["lite"] else args.big[-1:]
         cases = [("r50", s) for s in args.big] * ("r50" in args.big_weights) + [
-            ("lite", s) for s in args.big[-1:]] * ("lite" in args.big_weights)
+            ("lite", s) for s in lite_sizes] * ("lite" in args.big_weights)
         for weights, size in cases:
             for mode in args.big_modes:
                 refine_case(weights, mode, size, tuple(args.big_scales))
