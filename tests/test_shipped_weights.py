@@ -13,33 +13,49 @@ from crm_d2.weights import default_weights_path
 @pytest.fixture(scope="module")
 def refiner() -> CRMRefiner:
     if default_weights_path() is None:
-        pytest.fail("crm_d2/weights/crm_d2_lite.pth is missing from this checkout")
+        pytest.fail("crm_d2/weights/crm_d2_effl0.pth is missing from this checkout")
     return CRMRefiner.from_checkpoint()
 
 
 def test_format_and_metadata(refiner):
     obj = torch.load(default_weights_path(), weights_only=True)
     assert obj["format"] == "crm_d2" and obj["arch"]["with_layer4"] is False
+    assert obj["arch"]["encoder"] == "efficientnet_lite0"
     floats = [v for v in obj["state_dict"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert refiner.scales == (1.0,)
     train = refiner.metadata["training"]
-    assert train["iterations"] == 3000 and "Stage 4" in train["history"]
-    assert "lowres_binary" in train["datasets"][0]["perturb"]
-    assert refiner.model.feats.conv1.weight.dtype == torch.float32
+    assert train["iteration"] == 2000 and "Stage B" in train["history"]
+    assert "maskrcnn*4" in train["history"]
+    assert refiner.model.feats._conv_stem.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind, margin", [("perturb", 0.01), ("stride8", 0.0)])
-def test_improves_coarse_masks_on_held_out_ecssd(refiner, shared_data, kind, margin):
-    """Pooled IoU over 8 held-out ECSSD images (never trained on) must go up, for the paper's
-    perturbation (by more than a point) and for the soft 1/8 rendering."""
+def test_the_previous_default_still_loads():
+    from pathlib import Path
+
+    lite = Path(default_weights_path()).with_name("crm_d2_lite.pth")
+    old = CRMRefiner.from_checkpoint(str(lite))
+    assert old.metadata["training"]["iterations"] == 3000 and old.scales == (1.0,)
+
+
+@pytest.mark.parametrize("source, kind, margin", [
+    ("folder:ecssd", "perturb", 0.01),
+    ("davis:davis", "stride8_binary", 0.0),
+    ("davis:davis", "maskrcnn", 0.0),
+])
+def test_improves_coarse_masks_on_held_out_images(refiner, shared_data, source, kind, margin):
+    """Pooled IoU over 8 held-out images (never trained on) must go up: ECSSD with the paper's
+    perturbation (by more than a point), DAVIS frames with the binary masks of a stride-8
+    network and of Mask R-CNN's 28x28 head."""
     from crm_d2.coarse import CoarseKind
     from crm_d2.evaluation.binary import PooledIoU
     from crm_d2.training.sources import build_source
 
-    _, _, held_out = build_source(f"folder:{shared_data / 'ecssd'}", 0.05, 0)
+    kind_name, _, folder = source.partition(":")
+    _, _, held_out = build_source(f"{kind_name}:{shared_data / folder}", 0.05, 0)
     before, after = PooledIoU(), PooledIoU()
-    for k in range(8):
+    step = max(1, len(held_out) // 8)
+    for k in range(0, 8 * step, step):
         image, mask, _ = held_out.load(k)
         fg = np.where(mask > 127, 255, 0).astype(np.uint8)
         rng = np.random.default_rng([0, k, 0])

@@ -475,8 +475,9 @@ def _report(args, results, heldout, rate, img1) -> str:
              "Command: `python " + " ".join(["tools/benchmark.py", *sys.argv[1:]]) + "`", "",
              "Each row is one fresh process (peak RSS includes Python, torch, the model and the "
              "image). r50 = official ResNet-50 architecture with random weights in the official "
-             "format (calibrated logits; there are no official weights here), lite = shipped "
-             "crm_d2_lite.pth. 4 scales (0.125, 0.25, 0.5, 1). IoU/mBA are of the binary "
+             "format (calibrated logits; there are no official weights here), lite = the shipped "
+             "default weights (crm_d2/weights/). 4 scales (0.125, 0.25, 0.5, 1). IoU/mBA are of "
+             "the binary "
              "mask vs the reference row's mask (exact for r50, dense = exact to 1e-5 for lite). "
              "MAC-bound time = MACs / measured matmul rate.", "",
              "| case | time s | ratio vs ref | peak RSS GiB | GMAC | MAC-bound s | decoded "

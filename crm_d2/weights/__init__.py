@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_WEIGHTS_NAME = "crm_d2_lite.pth"
+DEFAULT_WEIGHTS_NAME = "crm_d2_effl0.pth"  # crm_d2_lite.pth: the previous default
 
 #: Where users get CRM weights when none are shipped (one wording for every front-end).
 WEIGHTS_HINT = (
