@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 #: (measured, see the module docstring; the decoder widths and layer4 do not matter).
 BYTES_PER_PIXEL: dict[tuple[str, tuple[int, ...], int, int], float] = {
     ("bottleneck", (3, 4, 6, 3), 64, 256): 1600.0,  # the official model_45705
-    ("basic", (2, 2, 2, 2), 64, 128): 700.0,  # the shipped lite weights
+    ("basic", (2, 2, 2, 2), 64, 128): 700.0,  # crm_d2_lite.pth (EfficientNet trunks: the fallback)
 }
 #: Other architectures: bytes per padded pixel per fused feature channel.
 _PER_FEATURE_CHANNEL = 6.0
