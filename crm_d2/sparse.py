@@ -157,7 +157,8 @@ class FastOptions:
     @property
     def is_dense(self) -> bool:
         """Every pixel decoded from whole-image features (the authors' function)."""
-        return (self.band is None and self.stride == 1 and self.halo is None
+        exact_features = self.halo is None or self.memory_mb == math.inf  # or one pass
+        return (self.band is None and self.stride == 1 and exact_features
                 and not self.skip_padding and self.autocast is None)
 
     def describe(self) -> str:
@@ -167,7 +168,8 @@ class FastOptions:
         base = FastOptions()
         diff = [f"{k}={getattr(self, k)}" for k in self.__dataclass_fields__
                 if getattr(self, k) != getattr(base, k)]
-        return "band" + (f"({', '.join(diff)})" if diff else "")
+        kind = "band" if self.band is not None else "all pixels"
+        return kind + (f"({', '.join(diff)})" if diff else "")
 
     def with_(self, **changes) -> FastOptions:
         """A copy with some fields changed."""

@@ -318,6 +318,9 @@ def test_default_decoding_follows_the_schedule(sample, monkeypatch):
     assert FastOptions.default_for((0.5, 1.0)).is_dense
     assert FastOptions.dense().describe() == "dense"
     assert FastOptions(grow=4, halo=96).describe() == "band(grow=4, halo=96)"
+    assert FastOptions.dense(float("inf")).is_dense  # one pass: whole-image features
+    assert not FastOptions(band=None, skip_padding=False).is_dense  # 32-px halo windows
+    assert FastOptions(band=None, stride=2).describe() == "all pixels(band=None, stride=2)"
     seen = []
     real = sparse_mod.refine_fast
 
