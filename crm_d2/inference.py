@@ -305,9 +305,10 @@ class CRMRefiner(FrozenNetwork):
         image = image.to(self.device, torch.float32)
         seg = reflect_pad(mask.to(self.device, torch.float32))
         image = reflect_pad(image)
+        # the decoding follows the schedule asked for, not what the ROI-size rule leaves of it
+        opts = self.fast_options(scales) if fast is None else fast
         scales = scales_for_size(scales, tuple(seg.shape[-2:]), self.min_side)
         if not exact:
-            opts = self.fast_options(scales) if fast is None else fast
             prob = refine_fast(self.model, image, seg, scales, opts, crop=PAD,
                                chunk=self.chunk_size, progress=progress, stats=stats)
             return prob[:, 0, PAD:-PAD, PAD:-PAD]

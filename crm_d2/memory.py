@@ -25,6 +25,7 @@ reduces the number of distinct shapes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -67,7 +68,8 @@ def estimate_refine_bytes(
         scales: the inference scales (the finest one sets the peak).
         batch: same-size inputs refined in one call.
         memory_mb: the decoding's encoder budget (``FastOptions.memory_mb``): beyond it the
-            encoder runs on windows, plus one decoder chunk of the same budget at most.
+            encoder runs on windows, plus one decoder chunk of the same budget at most
+            (``math.inf``: the whole image in one pass, as ``exact=True``).
 
     Returns:
         Bytes, an estimate (within about 20% on the machines measured).
@@ -104,11 +106,13 @@ def check_memory(
     what: str,
     helps: str,
     batch: int = 1,
+    exact: bool = False,
 ) -> int:
     """Refuse a refinement that would not fit in memory, before it starts.
 
     Args:
         height, width, arch, scales, batch: as in :func:`estimate_refine_bytes`.
+        exact: the authors' schedule (``exact=True``): the whole image is encoded, no budget.
         device: where the refinement runs.
         what: what is refined, for the message (e.g. ``"photo.jpg (12000x8000)"``).
         helps: the options that reduce the need, for the message.
@@ -119,7 +123,8 @@ def check_memory(
     Raises:
         MemoryError: when the estimate exceeds :func:`available_bytes`.
     """
-    need = estimate_refine_bytes(height, width, arch, scales, batch)  # the default budgets
+    need = estimate_refine_bytes(height, width, arch, scales, batch,
+                                 memory_mb=math.inf if exact else DENSE_MEMORY_MB)
     have = available_bytes(device)
     if have is not None and need > have:
         raise MemoryError(

@@ -154,9 +154,11 @@ def encode_window(
         if not fixed_shape:
             return max(0, 2 * a - halo) // STRIDE * STRIDE, min(n, 2 * b + halo)
         length = -(-(2 * (b - a) + 2 * halo) // STRIDE) * STRIDE + STRIDE  # slack: alignment
+        if length >= n:
+            return 0, n
+        length = n - (n - length) // STRIDE * STRIDE  # n - length aligned: border windows fit
         lo = max(0, min(2 * a - halo, n - length)) // STRIDE * STRIDE
-        hi = n if 2 * b + halo >= n else min(n, lo + length)
-        return lo, hi
+        return lo, lo + length  # lo >= 2a - halo - 7, so lo + length > 2b + halo
 
     y0, y1 = crop_range(ra, rb, h)
     x0, x1 = crop_range(ca, cb, w)

@@ -414,4 +414,27 @@ def test_fixed_shape_windows_are_exact_and_share_a_shape(refiner):
             shapes.append(stats.encoded_pixels)
             ref = full[:, rows[0] : rows[1], cols[0] : cols[1]]
             assert (win - ref).abs().max() < 1e-5
-    assert shapes[0] == shapes[1]  # border and interior windows: one shape
+    assert shapes[0] == shapes[1] == shapes[2]  # border and interior windows: one shape
+    # without a halo every requested cell still comes back, at every position
+    with torch.no_grad():
+        for a in range(0, fh - 3, 7):
+            win = encode_window(net, img, msk, (a, a + 4), (fw - 4, fw), halo=0, fixed_shape=True)
+            assert win.shape[1:3] == (4, 4)
+
+
+def test_decoding_follows_the_schedule_asked_for_not_the_roi_rule(sample, monkeypatch):
+    """A 4-scale refiner whose ROI-size rule leaves one scale on a small ROI still decodes dense."""
+    import crm_d2.inference as inference_mod
+
+    seen = []
+    real = sparse_mod.refine_fast
+
+    def spy(model, image, seg, scales, opts, **kw):
+        seen.append((tuple(scales), opts))
+        return real(model, image, seg, scales, opts, **kw)
+
+    monkeypatch.setattr(inference_mod, "refine_fast", spy)
+    img, mask = sample
+    four = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True), min_side=100)
+    four.refine(img, mask)
+    assert seen[0][0] == (1.0,) and seen[0][1].is_dense

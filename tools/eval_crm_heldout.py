@@ -17,7 +17,7 @@ is the input itself. Writes ``heldout_eval.json`` and ``heldout_eval.md`` to ``-
 Example (the model card's table)::
 
     python tools/eval_crm_heldout.py --output /tmp/heldout \\
-        --refiner guided=guided_filter --refiner new=crm_d2/weights/crm_d2_lite.pth \\
+        --refiner guided=guided_filter --refiner new=crm_d2/weights/crm_d2_effl0.pth \\
         --data folder:DATA/duts_te --data folder:DATA/pascal_s \\
         --data folder:../shared/data/ecssd --data davis:../shared/data/davis \\
         --data coco:../shared/data/coco_tiny/annotations/instances_train2017.json:\\

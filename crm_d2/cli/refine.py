@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the overview is shrunk, add below it this many pixels square of "
                         "the region that changed most, at full resolution (0 = no zoom)")
     p.add_argument("--exact", action="store_true",
-                   help="run the authors' arithmetic to the letter (slower, same result ~1e-6)")
+                   help="run the authors' arithmetic to the letter (slower; the default equals "
+                        "it to ~1e-6 over several scales, and is band decoding measured against "
+                        "it at one scale)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="queries per decoder call")
     p.add_argument("--no-memory-check", action="store_true",
@@ -165,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             need = check_memory(
                 h, w, refiner.arch, refiner.scales, refiner.device,
-                what=f"{args.image} ({w}x{h})",
+                what=f"{args.image} ({w}x{h})", exact=args.exact,
                 helps="Refine a downscaled copy of the image (and mask), leave out the finest "
                       "scale (e.g. --scales 0.125 0.25 0.5), or use a machine or GPU with more "
                       "memory; --no-memory-check runs anyway.",

@@ -196,8 +196,9 @@ def add_crm_config(cfg: CN) -> None:
     # Queries per CRM decoder call (memory vs. speed).
     c.CHUNK_SIZE = 262144
     # Run the authors' schedule to the letter (their upsampling and every-pixel decoding). The
-    # default (off) is the dense grid decoder, equal to it within 1e-5; the band decoder of
-    # crm_d2.sparse is opt-in (BENCHMARKS.md).
+    # default (off) follows the schedule (crm_d2.sparse.FastOptions.default_for): the dense grid
+    # decoder over several scales, equal to it within 1e-5; band decoding at one scale, measured
+    # against dense on held-out images (BENCHMARKS.md).
     c.EXACT = d.exact
     # Multiply each refined instance's score by the mean refined probability inside its new
     # mask (Mask Scoring style); off keeps the inner model's scores.
