@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 #: (measured, see the module docstring; the decoder widths and layer4 do not matter).
 BYTES_PER_PIXEL: dict[tuple[str, tuple[int, ...], int, int], float] = {
     ("bottleneck", (3, 4, 6, 3), 64, 256): 1600.0,  # the official model_45705
-    ("basic", (2, 2, 2, 2), 64, 128): 700.0,  # crm_d2_lite.pth (EfficientNet trunks: the fallback)
+    ("basic", (2, 2, 2, 2), 64, 128): 700.0,  # crm_d2_lite.pth
 }
 #: Other architectures: bytes per padded pixel per fused feature channel.
 _PER_FEATURE_CHANNEL = 6.0
@@ -52,6 +52,8 @@ _FIXED_BYTES = 64 * 2**20  # allocator slack
 
 
 def _per_pixel(arch: CRMArch) -> float:
+    if arch.encoder != "resnet":  # the table holds ResNet trunks only
+        return _PER_FEATURE_CHANNEL * arch.feat_dim
     key = (arch.block, tuple(arch.layers), arch.width, arch.feat_dim)
     return BYTES_PER_PIXEL.get(key, _PER_FEATURE_CHANNEL * arch.feat_dim)
 
