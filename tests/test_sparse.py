@@ -40,6 +40,22 @@ def sample():
     return _sample(61, 83)
 
 
+@pytest.fixture
+def decodings(monkeypatch) -> list:
+    """(scales, FastOptions) of every refine_fast call that CRMRefiner makes."""
+    import crm_d2.inference as inference_mod
+
+    seen: list = []
+    real = sparse_mod.refine_fast
+
+    def spy(model, image, seg, scales, opts, **kw):
+        seen.append((tuple(scales), opts))
+        return real(model, image, seg, scales, opts, **kw)
+
+    monkeypatch.setattr(inference_mod, "refine_fast", spy)
+    return seen
+
+
 def _sample(h: int, w: int):
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:h, :w]
@@ -312,7 +328,7 @@ def test_band_vs_dense_tool_parses_fast_options():
         tool["parse_variant"]("x=halos:3")
 
 
-def test_default_decoding_follows_the_schedule(sample, monkeypatch):
+def test_default_decoding_follows_the_schedule(sample, decodings):
     """No ``fast`` given: one scale runs the band with growth, several scales run dense."""
     assert FastOptions.default_for((1.0,)) == FastOptions(grow=4, halo=96)
     assert FastOptions.default_for((0.5, 1.0)).is_dense
@@ -321,16 +337,7 @@ def test_default_decoding_follows_the_schedule(sample, monkeypatch):
     assert FastOptions.dense(float("inf")).is_dense  # one pass: whole-image features
     assert not FastOptions(band=None, skip_padding=False).is_dense  # 32-px halo windows
     assert FastOptions(band=None, stride=2).describe() == "all pixels(band=None, stride=2)"
-    seen = []
-    real = sparse_mod.refine_fast
-
-    def spy(model, image, seg, scales, opts, **kw):
-        seen.append((tuple(scales), opts))
-        return real(model, image, seg, scales, opts, **kw)
-
-    import crm_d2.inference as inference_mod
-
-    monkeypatch.setattr(inference_mod, "refine_fast", spy)
+    seen = decodings
     img, mask = sample
     one = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True), scales=(1.0,))
     one.refine(img, mask)
@@ -422,18 +429,9 @@ def test_fixed_shape_windows_are_exact_and_share_a_shape(refiner):
             assert win.shape[1:3] == (4, 4)
 
 
-def test_decoding_follows_the_schedule_asked_for_not_the_roi_rule(sample, monkeypatch):
+def test_decoding_follows_the_schedule_asked_for_not_the_roi_rule(sample, decodings):
     """A 4-scale refiner whose ROI-size rule leaves one scale on a small ROI still decodes dense."""
-    import crm_d2.inference as inference_mod
-
-    seen = []
-    real = sparse_mod.refine_fast
-
-    def spy(model, image, seg, scales, opts, **kw):
-        seen.append((tuple(scales), opts))
-        return real(model, image, seg, scales, opts, **kw)
-
-    monkeypatch.setattr(inference_mod, "refine_fast", spy)
+    seen = decodings
     img, mask = sample
     four = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True), min_side=100)
     four.refine(img, mask)
