@@ -49,15 +49,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-MODES = {  # FastOptions fields; None = exact=True; "library" = the refiner's own default
+MODES = {  # FastOptions from its class; None = exact=True; "library" = the refiner's own default
     "exact": None,
     "default": "library",
-    "dense": dict(band=None, stride=1, memory_mb=float("inf"), skip_padding=False),
-    "dense-1g": dict(band=None, stride=1, tile=None, halo=None, memory_mb=1024.0,
-                     skip_padding=False),  # FastOptions.dense(): 1-GiB exact windows
-    "band": {},
-    "stride4": dict(band=None, stride=4),
-    "band+stride2": dict(stride=2),
+    "dense": lambda F: F.dense(float("inf")),  # one whole-image encoder pass per scale
+    "dense-1g": lambda F: F.dense(),  # 1-GiB budget, exact windows beyond it
+    "band": lambda F: F(),
+    "stride4": lambda F: F(band=None, stride=4),
+    "band+stride2": lambda F: F(stride=2),
 }
 SCALES4 = (0.125, 0.25, 0.5, 1.0)
 CANONICAL = (64, 96, 128, 192, 256, 384, 512, 768, 1024)  # ROI sides of cross-size batching
@@ -85,7 +84,7 @@ def _fast(mode: str):
     from crm_d2.sparse import FastOptions
 
     spec = MODES[mode]
-    return None if spec is None or spec == "library" else FastOptions(**spec)
+    return None if spec is None or spec == "library" else spec(FastOptions)
 
 
 def _demo(data: str, size: tuple[int, int]):
