@@ -29,7 +29,7 @@ from crm_d2.training.datasets import (
     sample_name,
     split_pairs,
 )
-from crm_d2.training.losses import crm_loss, sobel_magnitude
+from crm_d2.training.losses import BOUNDARY_RADIUS, boundary_weights, crm_loss, sobel_magnitude
 from crm_d2.training.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -722,6 +722,33 @@ def test_crm_loss_perfect_prediction_and_gradients():
     assert logit2.grad.abs().sum() > 0
     with pytest.raises(ValueError):
         crm_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+
+
+def test_boundary_weighted_loss_known_answers():
+    """boundary=W weights pixels within BOUNDARY_RADIUS of the gt edge by 1 + W (CE/L1/L2)."""
+    gt = torch.zeros(1, 1, 32, 32)
+    gt[..., 16:] = 1.0  # vertical edge between columns 15 and 16
+    w = boundary_weights(gt, 3.0)
+    band = (torch.arange(32) >= 16 - BOUNDARY_RADIUS) & (torch.arange(32) < 16 + BOUNDARY_RADIUS)
+    assert torch.equal(w[0, 0], (1.0 + 3.0 * band.float()).expand(32, 32))
+    assert torch.equal(boundary_weights(gt, 0.0), torch.ones_like(gt))
+    # An error only far from the edge counts less with the emphasis; one at the edge more.
+    far, near = torch.full_like(gt, -20.0), torch.full_like(gt, -20.0)
+    far[..., 16:] = 20.0
+    near[..., 16:] = 20.0
+    far[..., 0, 0] = 20.0  # wrong pixel far from the edge
+    near[..., 0, 15] = 20.0  # wrong pixel next to it
+    plain_far, plain_near = crm_loss(far, gt)[1]["ce"], crm_loss(near, gt)[1]["ce"]
+    assert plain_far.item() == pytest.approx(plain_near.item(), rel=1e-5)
+    bw_far = crm_loss(far, gt, boundary=3.0)[1]["ce"]
+    bw_near = crm_loss(near, gt, boundary=3.0)[1]["ce"]
+    wsum = w.sum().item()
+    assert bw_far.item() == pytest.approx(plain_far.item() * 1024 / wsum, rel=1e-4)
+    assert bw_near.item() == pytest.approx(plain_near.item() * 4 * 1024 / wsum, rel=1e-4)
+    # The Sobel term is not weighted.
+    assert crm_loss(far, gt, boundary=3.0)[1]["grad"] == crm_loss(far, gt)[1]["grad"]
+    with pytest.raises(ValueError, match="boundary"):
+        crm_loss(far, gt, boundary=-1.0)
 
 
 def test_perturb_accepts_fortran_ordered_masks():

@@ -99,7 +99,7 @@ def test_config_defaults_are_the_paper_recipe():
     assert (cfg.crop_size, cfg.batch_size, cfg.iterations) == (224, 12, 45_000)
     assert (cfg.lr, cfg.weight_decay, cfg.gamma) == (2.25e-4, 1e-4, 0.1)
     assert cfg.lr_milestones == (22_500, 37_500)
-    assert cfg.loss_weights == {"ce": 1.0, "l1": 0.5, "l2": 0.5, "grad": 2.0}
+    assert cfg.loss_weights == {"ce": 1.0, "l1": 0.5, "l2": 0.5, "grad": 2.0, "boundary": 0.0}
     # Shorter schedules keep the paper's proportions (1/2 and 5/6 of the run).
     assert TrainConfig(iterations=4_500).lr_milestones == (2_250, 3_750)
     assert TrainConfig(iterations=100, milestones=(10, 20)).lr_milestones == (10, 20)

@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss term weights",
     )
     g.add_argument(
+        "--boundary-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="extra weight of the CE/L1/L2 terms within 4 px of the ground-truth boundary "
+        "(crm_d2.training.losses; 0 = the paper's loss)",
+    )
+    g.add_argument(
         "--amp",
         choices=("none", "bf16", "fp16"),
         default="none",
@@ -193,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         milestones=args.milestones,
-        loss_weights=dict(zip(("ce", "l1", "l2", "grad"), args.loss_weights)),
+        loss_weights={**dict(zip(("ce", "l1", "l2", "grad"), args.loss_weights)),
+                      "boundary": args.boundary_weight},
         num_workers=args.num_workers,
         seed=args.seed,
         log_every=args.log_every,

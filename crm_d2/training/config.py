@@ -36,7 +36,8 @@ PRESETS: dict[str, CRMArch] = {
     "effnet_lite0": CRMArch(encoder="efficientnet_lite0", feat_dim=128, with_layer4=False),
     "effnet_lite1": CRMArch(encoder="efficientnet_lite1", feat_dim=128, with_layer4=False),
 }
-DEFAULT_LOSS_WEIGHTS = {"ce": 1.0, "l1": 0.5, "l2": 0.5, "grad": 2.0}
+# The paper's term weights; "boundary" (0 = off) is crm_d2's optional boundary emphasis.
+DEFAULT_LOSS_WEIGHTS = {"ce": 1.0, "l1": 0.5, "l2": 0.5, "grad": 2.0, "boundary": 0.0}
 # The paper's lr steps (22,500 and 37,500 of 45,000 iterations) as fractions of the schedule.
 PAPER_ITERATIONS = 45_000
 PAPER_MILESTONES = (22_500, 37_500)
@@ -71,7 +72,8 @@ class TrainConfig:
         milestones: iterations where the lr is multiplied by ``gamma``; None scales the paper's
             (22,500, 37,500 of 45,000) to ``iterations``.
         gamma: lr factor at each milestone (paper 0.1).
-        loss_weights: ``ce``, ``l1``, ``l2``, ``grad`` weights of :func:`crm_loss`.
+        loss_weights: ``ce``, ``l1``, ``l2``, ``grad`` weights of :func:`crm_loss` and its
+            ``boundary`` emphasis (0 = the paper's loss).
         num_workers: DataLoader worker processes per rank (0 = load in the main process).
         seed: seeds model initialisation, data order, augmentation streams and dropout.
         log_every: iterations between training log lines / metrics records.

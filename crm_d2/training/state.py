@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ..checkpoint import FORMAT_NAME, load_state_dict_file, save_crm
 from ..distributed import DistInfo
 from ..modeling.crm import CRMArch, CRMNet
-from .config import TrainConfig
+from .config import DEFAULT_LOSS_WEIGHTS, TrainConfig
 
 __all__ = [
     "LAST_NAME",
@@ -229,6 +229,8 @@ def load_training_state(
     saved_cfg = state.get("config", {})
     for key in ("crop_size", "batch_size", "lr", "weight_decay", "seed", "loss_weights"):
         old, new = saved_cfg.get(key), cfg.to_dict()[key]
+        if key == "loss_weights" and isinstance(old, dict):
+            old = {**DEFAULT_LOSS_WEIGHTS, **old}  # runs from before a term existed
         if old is not None and old != new and info.is_main:
             logger.warning(
                 "resume: %s was %s, now %s: the run will not match an uninterrupted one",
