@@ -194,8 +194,18 @@ class CRMRefiner(FrozenNetwork):
         if fast is not None and not isinstance(fast, FastOptions):
             raise ValueError(f"fast must be a FastOptions or None, got {type(fast).__name__}")
         self.fast = fast  # None: FastOptions.default_for(the scales of each call)
-        if fast is not None and fast.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self._channels_last = False  # the network's current weight layout
+
+    def _use_channels_last(self, on: bool) -> None:
+        """Put the network's weights in channels-last (or back in contiguous) layout.
+
+        The fast path's ``channels_last`` option wants channels-last weights; ``exact=True``
+        wants the contiguous ones, so that it stays the authors' arithmetic to the bit.
+        """
+        if on != self._channels_last:
+            fmt = torch.channels_last if on else torch.contiguous_format
+            self.model.to(memory_format=fmt)
+            self._channels_last = on
 
     @classmethod
     def from_checkpoint(
@@ -308,6 +318,7 @@ class CRMRefiner(FrozenNetwork):
         # the decoding follows the schedule asked for, not what the ROI-size rule leaves of it
         opts = self.fast_options(scales) if fast is None else fast
         scales = scales_for_size(scales, tuple(seg.shape[-2:]), self.min_side)
+        self._use_channels_last(not exact and opts.channels_last)
         if not exact:
             prob = refine_fast(self.model, image, seg, scales, opts, crop=PAD,
                                chunk=self.chunk_size, progress=progress, stats=stats)

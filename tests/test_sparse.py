@@ -246,10 +246,20 @@ def test_oom_retry_splits_windows(refiner, sample, monkeypatch):
 def test_autocast_and_channels_last_on_cpu(sample):
     img, mask = sample
     net = random_crm(TINY_ARCH, 1, random_bn=True)
-    ref = CRMRefiner(net).refine(img, mask, scales=ONE, fast=FastOptions(band=None, **TILED))
+    ref = CRMRefiner(net).refine(img, mask, scales=ONE,
+                                 fast=FastOptions(band=None, channels_last=False, **TILED))
     cl = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True),
                     fast=FastOptions(band=None, channels_last=True, **TILED))
     assert np.abs(cl.refine(img, mask, scales=ONE) - ref).max() < 1e-4
+    # channels-last is the default; exact=True puts the weights back and stays bit-identical
+    assert FastOptions().channels_last and FastOptions.dense().channels_last
+    contiguous = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True))
+    before = contiguous.refine(img, mask, scales=(0.5, 1.0), exact=True)
+    contiguous.refine(img, mask, scales=ONE)  # the default: channels-last weights
+    conv = contiguous.model.feats.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    after = contiguous.refine(img, mask, scales=(0.5, 1.0), exact=True)
+    assert conv.is_contiguous() and np.array_equal(before, after)
     bf = CRMRefiner(net).refine(img, mask, scales=ONE,
                                 fast=FastOptions(band=None, autocast="bf16", **TILED))
     assert np.isfinite(bf).all() and np.abs(bf - ref).mean() < 0.05
