@@ -25,7 +25,8 @@ def test_format_and_metadata(refiner):
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert refiner.scales == (1.0,)
     train = refiner.metadata["training"]
-    assert train["iteration"] == 2000 and "Stage B" in train["history"]
+    assert train["iteration"] == 600 and "Stage C" in train["history"]
+    assert train["config"]["loss_weights"]["boundary"] == 4.0
     assert "maskrcnn*4" in train["history"]
     assert refiner.model.feats._conv_stem.weight.dtype == torch.float32
 
