@@ -462,19 +462,17 @@ def _strided_decode(dec: _ScaleDecoder, cand: Tensor, n: int, out: Tensor) -> Te
     return torch.where(lattice | full, out, interp)
 
 
-def _dense_decode(dec: _ScaleDecoder, chunk: int) -> Tensor:
+def _dense_decode(dec: _ScaleDecoder) -> Tensor:
     """Every pixel with the grid decoder, from whole-image features (row spans per call) or, when
-    they do not fit the budget, from one encoder window per block of pixels."""
+    they do not fit the budget, from one encoder window per block of pixels; ``dec.chunk`` queries
+    per decoder call."""
     hp, wp = dec.grid_size
     bsz = dec.image.shape[0]
     logits = torch.empty(bsz, hp, wp, device=dec.image.device)
-    if dec.whole_fits:
-        blocks = [((0, hp), (0, wp))]
-        proj, origin = dec._encode((0, dec.fsize[0]), (0, dec.fsize[1]), True), (0, 0)
-    else:
-        blocks = dec.blocks()
-    for rows, cols in blocks:
-        if not dec.whole_fits:
+    for rows, cols in [((0, hp), (0, wp))] if dec.whole_fits else dec.blocks():
+        if dec.whole_fits:  # one block: the whole image
+            proj, origin = dec._encode((0, dec.fsize[0]), (0, dec.fsize[1]), True), (0, 0)
+        else:
             span_r = dec.geom.cell_span_rows(*rows)
             span_c = dec.geom.cell_span_cols(*cols)
             proj = dec._encode(span_r, span_c, False, fixed_shape=True)
@@ -585,7 +583,7 @@ def refine_fast(
             progress(stage, 0, 1)  # the scale starts: encoding
         dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk)
         if width is None and opts.stride == 1 and (dec.whole_fits or opts.halo is None):
-            logits = _dense_decode(dec, chunk)
+            logits = _dense_decode(dec)
         else:
             logits = torch.zeros(bsz, hp, wp, device=seg.device)
             if width is not None and opts.scan is not None and s <= opts.scan:

@@ -96,7 +96,7 @@ def _split_knobs(mode: str) -> tuple[str, dict]:
 
 
 def _fast(mode: str, scales=None):
-    """The FastOptions of a mode for ``scales`` (None: exact, or the library's own default)."""
+    """The FastOptions of a mode (None: exact); ``default`` needs the ``scales`` it decodes."""
     from crm_d2.sparse import FastOptions
 
     mode, changes = _split_knobs(mode)
@@ -104,9 +104,7 @@ def _fast(mode: str, scales=None):
     if spec is None:
         return None
     opts = FastOptions.default_for(scales) if spec == "library" else spec(FastOptions)
-    if spec == "library" and not changes and scales is None:
-        return None
-    return opts.with_(**changes) if changes else opts
+    return opts.with_(**changes)
 
 
 def _demo(data: str, size: tuple[int, int]):
@@ -183,11 +181,11 @@ def _coco_segments(data: str, name: str):
     """RGB (H, W, 3) uint8 and (N, H, W) bool ground-truth segments of a panoptic sample."""
     from PIL import Image
 
+    from crm_d2.evaluation.panoptic import rgb2id
+
     root = os.path.join(data, "coco_panoptic_sample")
     rgb = np.asarray(Image.open(os.path.join(root, "input_images", name + ".jpg")).convert("RGB"))
-    pan = np.asarray(Image.open(os.path.join(root, "panoptic_examples", name + ".png")),
-                     dtype=np.int64)
-    ids = pan[..., 0] + 256 * pan[..., 1] + 256**2 * pan[..., 2]
+    ids = rgb2id(np.asarray(Image.open(os.path.join(root, "panoptic_examples", name + ".png"))))
     segs = [i for i in np.unique(ids) if i != 0]
     return rgb, torch.from_numpy(np.stack([ids == i for i in segs]))
 

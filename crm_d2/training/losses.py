@@ -112,21 +112,17 @@ def crm_loss(
     gt = gt.to(logit.dtype)
     p = torch.sigmoid(logit)
     target = (gt > 0.5).to(logit.dtype)
-    if boundary > 0:
-        w = boundary_weights(gt, boundary)
-        wsum = w.sum()
+    w = boundary_weights(gt, boundary) if boundary > 0 else None
 
-        def mean(x: torch.Tensor) -> torch.Tensor:
-            return (w * x).sum() / wsum
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return x.mean() if w is None else (w * x).sum() / w.sum()
 
-        ce_map = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
-        terms = {"ce": mean(ce_map), "l1": mean((p - gt).abs()), "l2": mean((p - gt) ** 2)}
-    else:
-        terms = {
-            "ce": F.binary_cross_entropy_with_logits(logit, target),
-            "l1": F.l1_loss(p, gt),
-            "l2": F.mse_loss(p, gt),
-        }
-    terms["grad"] = F.l1_loss(sobel_magnitude(gt), sobel_magnitude(p))
+    ce_map = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    terms = {
+        "ce": mean(ce_map),
+        "l1": mean((p - gt).abs()),
+        "l2": mean((p - gt) ** 2),
+        "grad": F.l1_loss(sobel_magnitude(gt), sobel_magnitude(p)),
+    }
     total = ce * terms["ce"] + l1 * terms["l1"] + l2 * terms["l2"] + grad * terms["grad"]
     return total, terms
