@@ -11,7 +11,8 @@ Shape shorthand: B batch, H, W mask size.
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
+
+from .morphology import dilate, erode
 
 __all__ = ["boundary_band", "restrict_to_band"]
 
@@ -38,11 +39,7 @@ def boundary_band(mask: torch.Tensor, width: int) -> torch.Tensor:
         )
     if int(width) < 1:
         raise ValueError(f"width must be >= 1, got {width}")
-    k = 2 * int(width) + 1
-    m = mask[:, None].float()
-    dilated = F.max_pool2d(m, k, stride=1, padding=int(width)) > 0.5
-    eroded = -F.max_pool2d(-m, k, stride=1, padding=int(width)) > 0.5
-    return (dilated & ~eroded)[:, 0]
+    return dilate(mask, int(width)) & ~erode(mask, int(width))
 
 
 def restrict_to_band(coarse: torch.Tensor, refined: torch.Tensor, width: int) -> torch.Tensor:

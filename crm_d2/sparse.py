@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .modeling.crm import CRMNet, GridGeometry
+from .morphology import dilate
 from .tiling import encode_window, encoder_bytes_per_pixel, feature_size, receptive_radius
 
 __all__ = ["FastOptions", "boundary_band", "refine_fast"]
@@ -51,7 +52,7 @@ __all__ = ["FastOptions", "boundary_band", "refine_fast"]
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-_DECODE_BYTES_PER_QUERY = 1024  # live float32 values of decode_pixels per query, with margin
+_DECODE_BYTES_PER_QUERY = 2048  # live bytes of decode_pixels per query (4 shifts), with margin
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DENSE_MEMORY_MB = 1024.0  # encoder budget of dense decoding (FastOptions.dense)
 _EXACT_HALO_MARGIN = 8  # input pixels added to the receptive radius for halo=None
@@ -190,13 +191,14 @@ class FastOptions:
 # --------------------------------------------------------------------------------------------
 # Which pixels
 # --------------------------------------------------------------------------------------------
-def _dilate(x: Tensor, radius: int) -> Tensor:
-    """Separable square max-pool dilation of (B, 1, H, W) float by ``radius``."""
-    if radius <= 0:
-        return x
-    k = 2 * radius + 1
-    x = F.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
-    return F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
+def _cells_any(mask: Tensor, c: int) -> Tensor:
+    """(B, H, W) bool -> (B, ceil(H/c), ceil(W/c)) bool: does each c x c cell hold a True pixel."""
+    if c == 1:
+        return mask
+    bsz, h, w = mask.shape
+    ph, pw = -(-h // c) * c, -(-w // c) * c
+    padded = F.pad(mask, (0, pw - w, 0, ph - h))  # False outside
+    return padded.view(bsz, ph // c, c, pw // c, c).any(dim=4).any(dim=2)
 
 
 def boundary_band(prob: Tensor, width: int) -> Tensor:
@@ -219,18 +221,15 @@ def boundary_band(prob: Tensor, width: int) -> Tensor:
     may be wider, and working on cells keeps it cheap on large images. It contains the exact
     band of the same ``width``.
     """
-    bsz, _, h, w = prob.shape
+    h, w = prob.shape[-2:]
     c = max(1, width // 2)
-    fg = (prob > 0.5).float()
-    ph, pw = -(-h // c) * c, -(-w // c) * c
-    pad = (0, pw - w, 0, ph - h)
-    fg_cells = F.max_pool2d(F.pad(fg, pad), c)
-    # the padding must not count as background: pad the background map with zeros as well
-    bg_cells = F.max_pool2d(F.pad(1 - fg, pad), c)
+    fg = prob[:, 0] > 0.5
+    # the padding of the cells counts as neither foreground nor background
+    fg_cells, bg_cells = _cells_any(fg, c), _cells_any(~fg, c)
     r = -(-width // c) + 1
-    band = (_dilate(fg_cells, r) > 0) & (_dilate(bg_cells, r) > 0)
-    band = band.repeat_interleave(c, dim=2).repeat_interleave(c, dim=3)
-    return band[:, 0, :h, :w]
+    band = dilate(fg_cells, r) & dilate(bg_cells, r)
+    band = band.repeat_interleave(c, dim=1).repeat_interleave(c, dim=2)
+    return band[:, :h, :w]
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,11 +429,12 @@ def _strided_decode(dec: _ScaleDecoder, cand: Tensor, n: int, out: Tensor) -> Te
     bsz, hp, wp = cand.shape
     dev = cand.device
     nr, nc = -(-hp // n), -(-wp // n)
-    padded = F.pad(cand[:, None].float(), (0, nc * n - wp, 0, nr * n - hp))
-    cell_any = F.max_pool2d(padded, n)[:, 0] > 0  # (B, nr, nc)
+    cell_any = _cells_any(cand, n)  # (B, nr, nc)
     lat_r = torch.clamp(torch.arange(nr + 1, device=dev) * n, max=hp - 1)
     lat_c = torch.clamp(torch.arange(nc + 1, device=dev) * n, max=wp - 1)
-    need = F.max_pool2d(F.pad(cell_any[:, None].float(), (1, 1, 1, 1)), 2, stride=1)[:, 0] > 0
+    # lattice points (B, nr+1, nc+1) at a corner of a cell with candidates
+    p = F.pad(cell_any, (1, 1, 1, 1))
+    need = p[:, :-1, :-1] | p[:, 1:, :-1] | p[:, :-1, 1:] | p[:, 1:, 1:]
     lattice = torch.zeros_like(cand)
     nb, kr, kc = need.nonzero(as_tuple=True)
     lattice[nb, lat_r[kr], lat_c[kc]] = True
@@ -505,16 +505,14 @@ def _grow(dec: _ScaleDecoder, prob: Tensor, cand: Tensor, width: int, opts: Fast
     done = cand.clone()
     old = prob[:, 0] > 0.5
     for _ in range(opts.grow):
-        cls = torch.where(done, logits > 0, old)[:, None].float()
-        near_fg = _dilate(cls, 1)[:, 0] > 0
-        near_bg = _dilate(1 - cls, 1)[:, 0] > 0
-        edge = torch.where(cls[:, 0] > 0, near_bg, near_fg)
+        cls = torch.where(done, logits > 0, old)
+        edge = torch.where(cls, dilate(~cls, 1), dilate(cls, 1))
         front = edge & ~done
         if allowed is not None:
             front &= allowed
         if not bool(front.any()):
             break
-        add = (_dilate(front[:, None].float(), width)[:, 0] > 0) & ~done
+        add = dilate(front, width) & ~done
         if allowed is not None:
             add &= allowed
         _decode_into(dec, add, opts.stride, logits)

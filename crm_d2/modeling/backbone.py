@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .fused import conv_bn
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNetTrunk"]
 
 
@@ -49,10 +51,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else conv_bn(x, *self.downsample)
+        out = self.relu(conv_bn(x, self.conv1, self.bn1))
+        out = self.relu(conv_bn(out, self.conv2, self.bn2))
+        out = conv_bn(out, self.conv3, self.bn3)
         return self.relu(out + identity)
 
 
@@ -80,9 +82,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else conv_bn(x, *self.downsample)
+        out = self.relu(conv_bn(x, self.conv1, self.bn1))
+        out = conv_bn(out, self.conv2, self.bn2)
         return self.relu(out + identity)
 
 
@@ -154,7 +156,7 @@ class ResNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 4, H, W) -> taps ``(x1, x2, x3)`` (see the module docstring)."""
-        x1 = self.relu(self.bn1(self.conv1(x)))
+        x1 = self.relu(conv_bn(x, self.conv1, self.bn1))
         x2 = self.layer1(self.maxpool(x1))
         x3 = self.layer3(self.layer2(x2))
         return x1, x2, x3

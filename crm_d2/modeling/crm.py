@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from .backbone import ResNetTrunk
 from .efficientnet import EFFICIENTNET_VARIANTS, EfficientNetLiteTrunk
+from .fused import conv_bn, is_channels_last
 
 __all__ = ["OFFICIAL_ARCH", "TINY_ARCH", "CRMArch", "CRMNet", "FeatureFusion", "GridGeometry",
            "ImplicitMLP", "make_coord"]
@@ -123,7 +124,7 @@ class _ConvBNReLU(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.atrous_conv(x)))
+        return self.relu(conv_bn(x, self.atrous_conv, self.bn))
 
 
 class FeatureFusion(nn.Module):
@@ -181,7 +182,8 @@ class FeatureFusion(nn.Module):
             x3 = F.interpolate(x3, size=size, mode="bilinear", align_corners=True)
         else:
             x2, x3 = resize(x2, 2), resize(x3, 3)
-        return self.last_conv(torch.cat((x1, x2, x3), dim=1))
+        conv, bn, relu, dropout = self.last_conv
+        return dropout(relu(conv_bn(torch.cat((x1, x2, x3), dim=1), conv, bn)))
 
 
 class ImplicitMLP(nn.Module):
@@ -428,8 +430,10 @@ class CRMNet(nn.Module):
             (B, fh, fw, D) channels-last projection, D = first hidden width (32 official).
         """
         first: nn.Linear = self.imnet.layers[0]
-        w_feat = first.weight[:, : feat.shape[1]]
-        proj = F.conv2d(feat, w_feat[:, :, None, None].to(feat.dtype).contiguous())
+        w_feat = first.weight[:, : feat.shape[1]].to(feat.dtype)
+        if is_channels_last(feat):  # a matrix product over the (B, fh, fw, C) rows
+            return F.linear(feat.permute(0, 2, 3, 1), w_feat).contiguous()
+        proj = F.conv2d(feat, w_feat[:, :, None, None].contiguous())
         return proj.permute(0, 2, 3, 1).contiguous()
 
     def decode_pixels(
@@ -463,31 +467,32 @@ class CRMNet(nn.Module):
         w_ry, w_rx, w_cy, w_cx, w_sy, w_sx = first.weight[:, c:].unbind(dim=1)
         const = first.bias + w_sy * (2.0 / h * fh) + w_sx * (2.0 / w * fw)
         _, ph, pw, d = proj.shape
-        flat = proj.reshape(-1, d)
+        q = pb.numel()
         ys, xs = geom.ys[py], geom.xs[px]
         base = pb * (ph * pw)
         rows_y = [geom.iy[k][py] - origin[0] for k in (0, 1)]
         cols_x = [geom.ix[k][px] - origin[1] for k in (0, 1)]
         rel_y = [geom.rel_y[k][py] for k in (0, 1)]
         rel_x = [geom.rel_x[k][px] for k in (0, 1)]
-        preds, areas = [], []
+        # the four shifts stacked along the query axis: rows k*Q:(k+1)*Q are shift k
+        index, ry, rx = [], [], []
         for vy, vx in _SHIFTS:
             ky, kx = (vy + 1) // 2, (vx + 1) // 2
-            q = flat.index_select(0, base + rows_y[ky] * pw + cols_x[kx])  # (Q, D)
-            ry, rx = rel_y[ky], rel_x[kx]
-            term = (torch.outer(ry, w_ry) + torch.outer(ys, w_cy)
-                    + torch.outer(rx, w_rx) + torch.outer(xs, w_cx) + const)
-            out = q + term.to(q.dtype)
-            for layer in list(self.imnet.layers)[1:]:
-                out = layer(out)
-            preds.append(out[:, 0].float())
-            areas.append(torch.abs(ry * rx) + 1e-9)
-        total = areas[0] + areas[1] + areas[2] + areas[3]
-        areas = [areas[3], areas[2], areas[1], areas[0]]
-        result = 0
-        for pred, area in zip(preds, areas):
-            result = result + pred * (area / total)
-        return result
+            index.append(base + rows_y[ky] * pw + cols_x[kx])
+            ry.append(rel_y[ky])
+            rx.append(rel_x[kx])
+        feat = proj.reshape(-1, d).index_select(0, torch.cat(index))  # (4Q, D)
+        ry, rx = torch.cat(ry), torch.cat(rx)
+        # first layer = projected feature + [rel_y, y, rel_x, x, 1] @ their weights
+        coords = torch.stack((ry, ys.repeat(4), rx, xs.repeat(4), torch.ones_like(ry)), dim=1)
+        w_coord = torch.stack((w_ry, w_cy, w_rx, w_cx, const), dim=0)  # (5, D)
+        out = torch.addmm(feat, coords.to(feat.dtype), w_coord.to(feat.dtype))
+        for layer in list(self.imnet.layers)[1:]:
+            out = layer(out)
+        preds = out[:, 0].float().view(4, q)
+        areas = (torch.abs(ry * rx) + 1e-9).view(4, q)
+        # each shift is weighted by the area of the diagonally opposite one (LIIF)
+        return (preds * areas.flip(0)).sum(dim=0) / areas.sum(dim=0)
 
     def forward(
         self, image: torch.Tensor, mask: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor

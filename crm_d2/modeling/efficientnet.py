@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fused import conv_bn
+
 __all__ = [
     "EFFICIENTNET_VARIANTS",
     "EfficientNetLiteTrunk",
@@ -110,9 +112,9 @@ class MBConvBlock(nn.Module):
         self.skip = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(self._bn0(self._expand_conv(x))) if self.expand else x
-        out = self.act(self._bn1(self._depthwise_conv(out)))
-        out = self._bn2(self._project_conv(out))
+        out = self.act(conv_bn(x, self._expand_conv, self._bn0)) if self.expand else x
+        out = self.act(conv_bn(out, self._depthwise_conv, self._bn1))
+        out = conv_bn(out, self._project_conv, self._bn2)
         return out + x if self.skip else out
 
 
@@ -174,7 +176,7 @@ class EfficientNetLiteTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 4, H, W) -> taps ``(x1, x2, x3)``."""
-        x = self.act(self._bn0(self._conv_stem(x)))
+        x = self.act(conv_bn(x, self._conv_stem, self._bn0))
         taps = {self.tap_after[0]: 0, self.tap_after[1]: 1, self.tap_after[-1]: 2}
         out: list[torch.Tensor] = [x, x, x]
         for i, block in enumerate(self._blocks):

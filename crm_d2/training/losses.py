@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..band import boundary_band
+
 __all__ = ["BOUNDARY_RADIUS", "SOBEL_EPS", "boundary_weights", "crm_loss", "sobel_magnitude"]
 
 SOBEL_EPS = 1e-4
@@ -71,11 +73,8 @@ def boundary_weights(gt: torch.Tensor, boundary: float,
     Returns:
         (B, 1, H, W) weights, same dtype as ``gt``.
     """
-    fg = (gt > 0.5).to(gt.dtype)
-    k = 2 * int(radius) + 1
-    dil = F.max_pool2d(fg, k, stride=1, padding=radius)
-    ero = -F.max_pool2d(-fg, k, stride=1, padding=radius)
-    return 1.0 + float(boundary) * (dil - ero)
+    band = boundary_band(gt[:, 0] > 0.5, int(radius))[:, None]
+    return 1.0 + float(boundary) * band.to(gt.dtype)
 
 
 def crm_loss(
