@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
 _DECODE_BYTES_PER_QUERY = 2048  # live bytes of decode_pixels per query (4 shifts), with margin
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DENSE_CELLS = 0.6  # share of a map's cells from which one dense fusion convolution is cheaper
 DENSE_MEMORY_MB = 1024.0  # encoder budget of dense decoding (FastOptions.dense)
 _EXACT_HALO_MARGIN = 8  # input pixels added to the receptive radius for halo=None
 
@@ -272,7 +273,9 @@ class _ScaleDecoder:
                 tile //= 2
         self.tile = max(8, tile // 8 * 8)
         self.chunk = max(1024, int(min(chunk, budget // _DECODE_BYTES_PER_QUERY)))
-        self.whole: Tensor | None = None
+        self.whole: Tensor | None = None  # (B, fh, fw, D) whole-map projection
+        self.rows: Tensor | None = None  # CRMNet.fusion_rows of the whole input
+        self.cells_done: Tensor | None = None  # (B, fh, fw) cells of self.whole computed
         self.cache: dict[tuple[int, int], Tensor] = {}
         self.cache_bytes = 0
         self.cache_limit = budget / 2
@@ -318,6 +321,56 @@ class _ScaleDecoder:
             m = (c + d) // 2
             return torch.cat([self._encode(rows, (c, m), False),
                               self._encode(rows, (m, d), False)], dim=2)
+
+    def _whole_proj(self, pb: Tensor, py: Tensor, px: Tensor) -> Tensor:
+        """(B, fh, fw, D) projected features of the whole map, valid at the cells these pixels
+        read (and those of earlier calls).
+
+        The trunk and the fusion's branches run once on the whole input; the fusion's 3x3
+        convolution and the projection run only at the cells needed
+        (:meth:`CRMNet.project_cells`), unless most of the map is needed at once.
+        """
+        bsz = self.image.shape[0]
+        fh, fw = self.fsize
+        if self.cells_done is None:
+            self.cells_done = torch.zeros(bsz, fh, fw, dtype=torch.bool, device=pb.device)
+        need = torch.zeros_like(self.cells_done)
+        for iy in self.geom.iy:
+            for ix in self.geom.ix:
+                need[pb, iy[py], ix[px]] = True
+        need &= ~self.cells_done
+        n_new = int(need.sum())
+        if n_new == 0:
+            return self.whole
+        if self.rows is None and n_new >= _DENSE_CELLS * bsz * fh * fw:
+            return self._whole_dense()  # most cells: one dense convolution is cheaper
+        try:
+            if self.rows is None:
+                with self._autocast():
+                    img, msk = self.image, self.mask
+                    if self.opts.channels_last:
+                        img = img.contiguous(memory_format=torch.channels_last)
+                        msk = msk.contiguous(memory_format=torch.channels_last)
+                    self.rows = self.net.fusion_rows(img, msk)
+                self.encoded_pixels += img.shape[-2] * img.shape[-1]
+                d = self.net.imnet.layers[0].weight.shape[0]
+                self.whole = torch.zeros(bsz, fh, fw, d, device=pb.device)
+            nb, cy, cx = need.nonzero(as_tuple=True)
+            with self._autocast():
+                self.whole[nb, cy, cx] = self.net.project_cells(self.rows, nb, cy, cx).float()
+        except RuntimeError as err:
+            if not (self.opts.oom_retry and _is_oom(err)):
+                raise
+            logger.warning("out of memory in the sparse fusion convolution: encoding in full")
+            return self._whole_dense()
+        self.cells_done |= need
+        return self.whole
+
+    def _whole_dense(self) -> Tensor:
+        self.rows = None
+        self.whole = self._encode((0, self.fsize[0]), (0, self.fsize[1]), True)
+        self.cells_done.fill_(True)
+        return self.whole
 
     def _tile_proj(self, key: tuple[int, int], rows, cols) -> Tensor:
         proj = self.cache.get(key)
@@ -406,9 +459,7 @@ class _ScaleDecoder:
                 continue
             pb, py, px = sel[:, 0], sel[:, 1] + r0, sel[:, 2] + c0
             if use_whole:
-                if self.whole is None:
-                    self.whole = self._encode((0, fh), (0, fw), True)
-                proj, origin = self.whole, (0, 0)
+                proj, origin = self._whole_proj(pb, py, px), (0, 0)
             else:
                 rows = self.geom.cell_span_rows(r0, r1)
                 cols = self.geom.cell_span_cols(c0, c1)

@@ -124,6 +124,53 @@ def test_decode_pixels_equals_grid_decoder(refiner):
         assert (got2 - ref[pb2, py2, px2]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_project_cells_equals_dense_projection(refiner, channels_last):
+    """The sparse fusion convolution at chosen cells = the dense projection there."""
+    net = refiner.model
+    torch.manual_seed(4)
+    img, msk = torch.randn(2, 3, 30, 41), torch.rand(2, 1, 30, 41) * 2 - 1
+    if channels_last:
+        img = img.contiguous(memory_format=torch.channels_last)
+        msk = msk.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = net.project_features(net.encode(img, msk))  # (B, fh, fw, D)
+        rows = net.fusion_rows(img, msk)
+        fh, fw = ref.shape[1:3]
+        assert rows.shape[:3] == (2, fh + 2, fw + 2)
+        pb = torch.tensor([0, 1, 1, 0, 1, 0])
+        cy = torch.tensor([0, fh - 1, 3, 7, 0, fh - 1])  # corners and borders included
+        cx = torch.tensor([0, fw - 1, 11, 0, fw - 1, 5])
+        got = net.project_cells(rows, pb, cy, cx, chunk=4)  # several chunks
+    torch.testing.assert_close(got, ref[pb, cy, cx], rtol=1e-5, atol=1e-5)
+
+
+def test_band_decoding_computes_fusion_only_near_the_band(refiner, sample, monkeypatch):
+    """The band path runs the fusion convolution at a fraction of the cells, same answer."""
+    image, mask = sample
+    calls = []
+    real = refiner.model.project_cells
+
+    def spy(rows, pb, cy, cx, chunk=8192):
+        calls.append(pb.numel())
+        return real(rows, pb, cy, cx, chunk)
+
+    img_t, msk_t = prepare_inputs(image, mask)
+    band = FastOptions(tile=None, halo=None, memory_mb=1e6)  # the whole map, one pass
+    with torch.no_grad():
+        dense = refiner.refine_tensors(img_t, msk_t, scales=ONE, fast=FastOptions.dense())
+        monkeypatch.setattr(refiner.model, "project_cells", spy)
+        got = refiner.refine_tensors(img_t, msk_t, scales=ONE, fast=band)
+    fh, fw = feature_size(tuple(s + 64 for s in mask.shape[:2]))
+    assert calls and sum(calls) < 0.6 * fh * fw
+    # where the band decoder decodes (the band of the coarse mask; away from the border, where
+    # the reflect padding adds mirrored boundaries), it gives the dense answer
+    inside = boundary_band(msk_t * 0.5 + 0.5, band.band_width(1.0))
+    inside[:, :8], inside[:, -8:], inside[:, :, :8], inside[:, :, -8:] = False, False, False, False
+    assert inside.sum() > 100
+    assert (got - dense)[inside].abs().max() < 1e-4
+
+
 def test_boundary_band_contains_and_bounds():
     torch.manual_seed(3)
     prob = torch.zeros(2, 1, 70, 90)

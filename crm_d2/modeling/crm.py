@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from .backbone import ResNetTrunk
 from .efficientnet import EFFICIENTNET_VARIANTS, EfficientNetLiteTrunk
-from .fused import conv_bn, is_channels_last
+from .fused import conv_bn, fold_conv_bn, is_channels_last
 
 __all__ = ["OFFICIAL_ARCH", "TINY_ARCH", "CRMArch", "CRMNet", "FeatureFusion", "GridGeometry",
            "ImplicitMLP", "make_coord"]
@@ -173,6 +173,21 @@ class FeatureFusion(nn.Module):
         to x1's grid; the tiled encoder (:mod:`crm_d2.tiling`) passes one that keeps the
         whole image's align-corners geometry on a window.
         """
+        conv, bn, relu, dropout = self.last_conv
+        return dropout(relu(conv_bn(self.branches(x1, x2, x3, resize), conv, bn)))
+
+    def branches(
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x3: torch.Tensor,
+        resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The three branches on x1's grid, concatenated: the input of ``last_conv``.
+
+        Returns:
+            (B, feat_dim, fh, fw).
+        """
         x1 = self.dropout(self.relu(self.bn1_128(self.aspp1_128(x1))))
         x2 = self.dropout(self.relu(self.bn1_256(self.aspp1_256(x2))))
         x3 = self.dropout(self.relu(self.bn1_1024(self.aspp1_1024(x3))))
@@ -182,8 +197,7 @@ class FeatureFusion(nn.Module):
             x3 = F.interpolate(x3, size=size, mode="bilinear", align_corners=True)
         else:
             x2, x3 = resize(x2, 2), resize(x3, 3)
-        conv, bn, relu, dropout = self.last_conv
-        return dropout(relu(conv_bn(torch.cat((x1, x2, x3), dim=1), conv, bn)))
+        return torch.cat((x1, x2, x3), dim=1)
 
 
 class ImplicitMLP(nn.Module):
@@ -292,6 +306,64 @@ class CRMNet(nn.Module):
             feat: (B, C, fh, fw).
         """
         return self.aspp_(*self.feats(torch.cat((image, mask), dim=1)))
+
+    def fusion_rows(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` up to the fusion's last convolution, as zero-padded channels-last rows.
+
+        With :meth:`project_cells` this computes the decoder's projected features
+        (:meth:`project_features` of :meth:`encode`) only at the feature cells a sparse decoder
+        reads: the fusion's 3x3 convolution is the largest single cost of the encoder and its
+        output is only needed near the pixels decoded.
+
+        Args:
+            image: (B, 3, h, w); mask: (B, 1, h, w) (as in :meth:`encode`).
+
+        Returns:
+            (B, fh + 2, fw + 2, C): the branches' concatenation, one zero cell on every side
+            (the convolution's padding), C = ``feat_dim``.
+        """
+        pre = self.aspp_.branches(*self.feats(torch.cat((image, mask), dim=1)))
+        return F.pad(pre.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+
+    def project_cells(
+        self, rows: torch.Tensor, pb: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor,
+        chunk: int = 8192,
+    ) -> torch.Tensor:
+        """Projected features (:meth:`project_features` of :meth:`encode`) at some cells.
+
+        Inference only (eval-mode batch norm, dropout off). Equal to the dense computation up
+        to float rounding: each cell's 3x3 window is gathered and multiplied by the folded
+        convolution + batch-norm weights, then ReLU and the decoder's feature projection.
+
+        Args:
+            rows: (B, fh + 2, fw + 2, C) from :meth:`fusion_rows`.
+            pb, cy, cx: (N,) long batch index, row and column of the cells (unpadded grid).
+            chunk: cells per matrix product (bounds the gathered windows' memory).
+
+        Returns:
+            (N, D) projected features, D = the decoder's first hidden width.
+        """
+        conv, bn = self.aspp_.last_conv[0], self.aspp_.last_conv[1]
+        if conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1):
+            raise ValueError("project_cells expects the fusion's 3x3, padding-1 convolution")
+        bsz, hp, wp, c = rows.shape
+        weight, bias = fold_conv_bn(conv, bn)
+        w_cols = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).to(rows.dtype)
+        bias = bias.to(rows.dtype)
+        first: nn.Linear = self.imnet.layers[0]
+        w_feat = first.weight[:, :c].to(rows.dtype)
+        flat = rows.reshape(-1, c)
+        offsets = (torch.arange(3, device=rows.device)[:, None] * wp
+                   + torch.arange(3, device=rows.device)[None]).flatten()  # (9,)
+        corner = pb * (hp * wp) + cy * wp + cx  # top-left cell of each 3x3 window
+        out = []
+        for a in range(0, corner.numel(), chunk):
+            idx = (corner[a : a + chunk, None] + offsets).flatten()
+            cols = flat.index_select(0, idx).view(-1, 9 * c)
+            out.append(F.linear(torch.relu(F.linear(cols, w_cols, bias)), w_feat))
+        if not out:
+            return rows.new_zeros(0, w_feat.shape[0])
+        return torch.cat(out)
 
     def decode(self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Logits at query coordinates, with the 4-corner area-weighted local ensemble.

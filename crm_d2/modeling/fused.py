@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["conv_bn", "is_channels_last"]
+__all__ = ["conv_bn", "fold_conv_bn", "is_channels_last"]
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -28,7 +28,7 @@ def is_channels_last(x: torch.Tensor) -> bool:
             and not x.is_contiguous())
 
 
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``bn(conv(.))`` as one convolution (eval-mode statistics).
 
     Cached on ``bn`` and recomputed whenever any of the tensors involved is replaced (moved,
@@ -64,7 +64,7 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     if (conv.training or bn.training or not is_channels_last(x) or not bn.track_running_stats
             or torch.is_grad_enabled()):
         return bn(conv(x))
-    weight, bias = _folded(conv, bn)
+    weight, bias = fold_conv_bn(conv, bn)
     one_by_one = (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
                   and conv.padding == (0, 0))
     if one_by_one:
