@@ -18,6 +18,9 @@ switchable through :class:`FastOptions`:
 - **strided decoding**: decode every ``stride``-th pixel (rows and columns) first, then only the
   pixels of the lattice cells whose four decoded corners disagree (one above 0.5, one not); the
   others take the bilinear interpolation of the corner logits;
+- **sparse fusion**: a ROI encoded whole runs the fusion's 3x3 convolution and the decoder
+  projection only at the feature cells the decoded pixels read
+  (:meth:`~crm_d2.modeling.crm.CRMNet.project_cells`);
 - **bounded memory**: the encoder runs on windows (:func:`crm_d2.tiling.encode_window`) around
   the pixels to decode, each sized from a memory budget, so that peak memory follows the region
   being decoded and windows with nothing to decode are never encoded;
@@ -92,10 +95,11 @@ class FastOptions:
             fits the budget and most of it has pixels to decode.
         skip_padding: at the last scale, do not decode the reflect padding (it is cropped).
         autocast: None, "bf16" or "fp16": run the encoder under ``torch.autocast``.
-        channels_last: run the encoder on channels-last tensors (on by default: the same
-            function to float rounding, and 1.2x faster on the 2-core CPU, where the depthwise
-            convolutions of EfficientNet-Lite gain most; BENCHMARKS.md). :class:`CRMRefiner`
-            puts the weights in that layout for these calls and back for ``exact=True``.
+        channels_last: run the encoder on channels-last tensors, with each convolution and
+            its batch norm fused (:mod:`crm_d2.modeling.fused`; on by default: the same
+            function to float rounding, 1.6x faster on the COCO image of BENCHMARKS.md on the
+            2-core CPU). :class:`CRMRefiner` puts the weights in that layout for these calls
+            and back for ``exact=True``.
         oom_retry: on a CUDA out-of-memory error, split the window (or chunk) in two and retry.
     """
 
