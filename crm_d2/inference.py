@@ -282,9 +282,9 @@ class CRMRefiner(FrozenNetwork):
         Returns:
             HxW float32 probability map in [0, 1]; ``> 0.5`` is the refined binary mask.
         """
-        img_t, msk_t = prepare_inputs(image, mask, self.device)
-        out = self.refine_tensors(img_t, msk_t, scales=scales, exact=exact, progress=progress,
-                                  fast=fast)
+        # the unpadded tensors are freed once padded (peak memory on large images)
+        img_p, seg_p = _padded(*prepare_inputs(image, mask, self.device))
+        out = self._refine_padded(img_p, seg_p, scales, exact, progress, fast)
         return out[0].cpu().numpy()
 
     # ---------------------------------------------------------------- tensor entry point
@@ -310,11 +310,14 @@ class CRMRefiner(FrozenNetwork):
         Returns:
             (B, H, W) float32 probabilities on the refiner's device.
         """
-        scales = self.scales if scales is None else _check_scales(scales)
         check_batch(image, mask)
-        image = image.to(self.device, torch.float32)
-        seg = reflect_pad(mask.to(self.device, torch.float32))
-        image = reflect_pad(image)
+        image, seg = _padded(image.to(self.device, torch.float32),
+                             mask.to(self.device, torch.float32))
+        return self._refine_padded(image, seg, scales, exact, progress, fast, stats)
+
+    def _refine_padded(self, image, seg, scales, exact, progress, fast, stats=None):
+        """:meth:`refine_tensors` on inputs already reflect-padded by ``PAD``."""
+        scales = self.scales if scales is None else _check_scales(scales)
         # the decoding follows the schedule asked for, not what the ROI-size rule leaves of it
         opts = self.fast_options(scales) if fast is None else fast
         scales = scales_for_size(scales, tuple(seg.shape[-2:]), self.min_side)
@@ -369,6 +372,11 @@ def scales_for_size(
         return scales
     keep = tuple(s for s in scales if round(min(size) * s) >= min_side)
     return keep or (max(scales),)
+
+
+def _padded(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and mask reflect-padded by ``PAD`` (the authors' padding)."""
+    return reflect_pad(image), reflect_pad(mask)
 
 
 def check_batch(image: torch.Tensor, mask: torch.Tensor) -> None:

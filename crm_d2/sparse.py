@@ -655,12 +655,15 @@ def refine_fast(
                            ("candidates", int(cand.sum()))):
             totals.setdefault(key, []).append(value)
         del dec, img_s, seg_s
-        new = torch.where(cand[:, None], torch.sigmoid(logits)[:, None], prob)
-        # The authors' rule: an (essentially) empty input mask gives an empty output.
-        empty = (seg + 1).flatten(1).sum(dim=1) < 2
-        new[empty] = 0
-        prob = new
-        seg = (prob - 0.5) * 2
+        # The authors' rule: an (essentially) empty input mask gives an empty output
+        # ((seg + 1).sum() < 2, summed without a full-size temporary).
+        empty = seg.flatten(1).sum(dim=1, dtype=torch.float64) + seg[0].numel() < 2
+        # full-size maps are dropped before their successors are allocated (peak memory)
+        seg = None
+        prob = torch.where(cand[:, None], logits.sigmoid_()[:, None], prob)
+        logits = cand = None
+        prob[empty] = 0
+        seg = torch.sub(prob, 0.5).mul_(2)
         if progress is not None:
             progress(stage, 1, 1)
     if stats is not None:
