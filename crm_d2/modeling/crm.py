@@ -478,11 +478,17 @@ class CRMNet(nn.Module):
             q = proj.index_select(1, iy - origin[0]).index_select(2, ix - origin[1])
             rel_y = (ys - fys[iy]) * fh  # (h',)
             rel_x = (xs - fxs[ix]) * fw  # (w',)
-            row_term = torch.outer(rel_y, w_ry) + torch.outer(ys, w_cy)  # (h', D)
+            row_term = torch.outer(rel_y, w_ry) + torch.outer(ys, w_cy) + const  # (h', D)
             col_term = torch.outer(rel_x, w_rx) + torch.outer(xs, w_cx)  # (w', D)
-            out = q + (row_term[:, None, :] + col_term[None, :, :] + const).to(dt)
-            for layer in list(self.imnet.layers)[1:]:
-                out = layer(out)
+            out = q + row_term[:, None, :].to(dt)
+            if torch.is_grad_enabled():
+                out = out + col_term[None, :, :].to(dt)
+                for layer in list(self.imnet.layers)[1:]:
+                    out = layer(out)
+            else:  # inference: no full-size temporaries beyond ``out`` itself
+                out.add_(col_term[None, :, :].to(dt))
+                for layer in list(self.imnet.layers)[1:]:
+                    out = out.relu_() if isinstance(layer, nn.ReLU) else layer(out)
             preds.append(out[..., 0])
             areas.append(torch.abs(torch.outer(rel_y, rel_x)) + 1e-9)
         total = areas[0] + areas[1] + areas[2] + areas[3]
