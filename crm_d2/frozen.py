@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .modeling.fused import clear_folded
+
 __all__ = ["FrozenNetwork"]
 
 
@@ -31,6 +33,7 @@ class FrozenNetwork:
         """Move the network to ``device`` and compute there from now on (returns self)."""
         self.device = torch.device(device)
         self.model.to(self.device)
+        clear_folded(self.model)  # the folded inference weights of the old device
         return self
 
     @property

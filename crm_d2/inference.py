@@ -25,6 +25,7 @@ from .distributed import check_device
 from .frozen import FrozenNetwork
 from .io import mask_to_prob
 from .modeling.crm import CRMNet, make_coord_axes
+from .modeling.fused import clear_folded
 from .sparse import FastOptions, refine_fast
 
 __all__ = [
@@ -205,6 +206,7 @@ class CRMRefiner(FrozenNetwork):
         if on != self._channels_last:
             fmt = torch.channels_last if on else torch.contiguous_format
             self.model.to(memory_format=fmt)
+            clear_folded(self.model)  # folded weights follow the layout, or are not needed
             self._channels_last = on
 
     @classmethod

@@ -332,7 +332,9 @@ class _ScaleDecoder:
 
         The trunk and the fusion's branches run once on the whole input; the fusion's 3x3
         convolution and the projection run only at the cells needed
-        (:meth:`CRMNet.project_cells`), unless most of the map is needed at once.
+        (:meth:`CRMNet.project_cells`), unless the first call already needs most of the map
+        (then one dense convolution). The branches' output (``feat_dim`` values per feature
+        cell) is kept for the scale's later calls (band growth).
         """
         bsz = self.image.shape[0]
         fh, fw = self.fsize
@@ -348,6 +350,7 @@ class _ScaleDecoder:
             return self.whole
         if self.rows is None and n_new >= _DENSE_CELLS * bsz * fh * fw:
             return self._whole_dense()  # most cells: one dense convolution is cheaper
+        oom = False
         try:
             if self.rows is None:
                 with self._autocast():
@@ -365,13 +368,17 @@ class _ScaleDecoder:
         except RuntimeError as err:
             if not (self.opts.oom_retry and _is_oom(err)):
                 raise
+            oom = True  # handled outside the except block, whose traceback pins memory
+        if oom:
             logger.warning("out of memory in the sparse fusion convolution: encoding in full")
             return self._whole_dense()
         self.cells_done |= need
         return self.whole
 
     def _whole_dense(self) -> Tensor:
-        self.rows = None
+        self.rows = self.whole = None
+        if self.image.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.whole = self._encode((0, self.fsize[0]), (0, self.fsize[1]), True)
         self.cells_done.fill_(True)
         return self.whole
@@ -456,18 +463,19 @@ class _ScaleDecoder:
         use_whole = self.whole is not None or (
             self.whole_fits and len(blocks) * win * win >= 0.8 * h * w
         )
+        if use_whole:  # one projection of the whole map, all pixels at once
+            pb, py, px = todo.nonzero(as_tuple=True)
+            self._decode_chunks(self._whole_proj(pb, py, px), pb, py, px, (0, 0), out)
+            return pb.numel()
         done = 0
         for i, j, r0, r1, c0, c1 in blocks:
             sel = todo[:, r0:r1, c0:c1].nonzero()
             if sel.numel() == 0:
                 continue
             pb, py, px = sel[:, 0], sel[:, 1] + r0, sel[:, 2] + c0
-            if use_whole:
-                proj, origin = self._whole_proj(pb, py, px), (0, 0)
-            else:
-                rows = self.geom.cell_span_rows(r0, r1)
-                cols = self.geom.cell_span_cols(c0, c1)
-                proj, origin = self._tile_proj((i, j), rows, cols), (rows[0], cols[0])
+            rows = self.geom.cell_span_rows(r0, r1)
+            cols = self.geom.cell_span_cols(c0, c1)
+            proj, origin = self._tile_proj((i, j), rows, cols), (rows[0], cols[0])
             self._decode_chunks(proj, pb, py, px, origin, out)
             done += pb.numel()
         return done
@@ -548,6 +556,14 @@ def _decode_into(dec: _ScaleDecoder, todo: Tensor, stride: int, logits: Tensor) 
         logits.copy_(torch.where(todo, _strided_decode(dec, todo, stride, logits), logits))
     else:
         dec.decode(todo, logits)
+
+
+def _empty_masks(seg: Tensor) -> Tensor:
+    """(B,) bool: the authors' rule ``(seg + 1).sum() < 2`` of an (essentially) empty input
+    mask, whose output is empty; summed without a full-size temporary where float64 exists."""
+    if seg.device.type == "mps":  # no float64 there
+        return (seg + 1).flatten(1).sum(dim=1) < 2
+    return seg.flatten(1).sum(dim=1, dtype=torch.float64) + seg.shape[-2] * seg.shape[-1] < 2
 
 
 def _grow(dec: _ScaleDecoder, prob: Tensor, cand: Tensor, width: int, opts: FastOptions,
@@ -655,9 +671,7 @@ def refine_fast(
                            ("candidates", int(cand.sum()))):
             totals.setdefault(key, []).append(value)
         del dec, img_s, seg_s
-        # The authors' rule: an (essentially) empty input mask gives an empty output
-        # ((seg + 1).sum() < 2, summed without a full-size temporary).
-        empty = seg.flatten(1).sum(dim=1, dtype=torch.float64) + seg[0].numel() < 2
+        empty = _empty_masks(seg)
         # full-size maps are dropped before their successors are allocated (peak memory)
         seg = None
         prob = torch.where(cand[:, None], logits.sigmoid_()[:, None], prob)

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from .modeling.crm import CRMArch, CRMNet
+from .modeling.crm import CRMArch, CRMNet, trunk_input
 
 __all__ = ["encode_window", "encoder_bytes_per_pixel", "feature_size", "receptive_radius",
            "tap_sizes"]
@@ -162,7 +162,7 @@ def encode_window(
 
     y0, y1 = crop_range(ra, rb, h)
     x0, x1 = crop_range(ca, cb, w)
-    x = torch.cat((image[:, :, y0:y1, x0:x1], mask[:, :, y0:y1, x0:x1]), dim=1)
+    x = trunk_input(image[:, :, y0:y1, x0:x1], mask[:, :, y0:y1, x0:x1])
     if stats is not None:
         stats.encoded_pixels += (y1 - y0) * (x1 - x0)
     t1, t2, t3 = net.feats(x)

@@ -76,3 +76,33 @@ def test_whole_encoder_channels_last_matches_contiguous(encoder):
             img.contiguous(memory_format=torch.channels_last),
             msk.contiguous(memory_format=torch.channels_last)))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_mode_models_and_cache_clearing():
+    """Models built under torch.inference_mode work (no version counters); clear_folded."""
+    from crm_d2.modeling.fused import clear_folded
+
+    with torch.inference_mode():
+        conv, bn = _pair(3)
+        x = torch.randn(1, 8, 9, 10).contiguous(memory_format=torch.channels_last)
+        ref = bn(conv(x.contiguous()))
+        out = conv_bn(x, conv, bn)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert hasattr(bn, "_crm_folded")
+    clear_folded(nn.Sequential(conv, bn))
+    assert not hasattr(bn, "_crm_folded")
+
+
+def test_refiner_under_inference_mode_and_empty_batch():
+    from conftest import random_crm
+
+    from crm_d2 import CRMRefiner
+    from crm_d2.modeling.crm import TINY_ARCH
+
+    with torch.inference_mode():
+        ref = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True), scales=(1.0,))
+        img, msk = torch.randn(1, 3, 20, 24), torch.rand(1, 1, 20, 24) * 2 - 1
+        out = ref.refine_tensors(img, msk)
+        assert out.shape == (1, 20, 24)
+        empty = ref.refine_tensors(img[:0], msk[:0])
+        assert empty.shape == (0, 20, 24)

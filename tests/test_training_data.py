@@ -732,6 +732,7 @@ def test_boundary_weighted_loss_known_answers():
     band = (torch.arange(32) >= 16 - BOUNDARY_RADIUS) & (torch.arange(32) < 16 + BOUNDARY_RADIUS)
     assert torch.equal(w[0, 0], (1.0 + 3.0 * band.float()).expand(32, 32))
     assert torch.equal(boundary_weights(gt, 0.0), torch.ones_like(gt))
+    assert torch.equal(boundary_weights(gt, 3.0, radius=0), torch.ones_like(gt))
     # An error only far from the edge counts less with the emphasis; one at the edge more.
     far, near = torch.full_like(gt, -20.0), torch.full_like(gt, -20.0)
     far[..., 16:] = 20.0

@@ -278,6 +278,15 @@ class GridGeometry:
         return int(self.ix[0][c0:c1].min()), int(self.ix[1][c0:c1].max()) + 1
 
 
+def trunk_input(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, 4, h, w) concatenation of image and mask, channels-last when the image is (the
+    concatenation alone would return a contiguous tensor, and the stem would not be fused)."""
+    x = torch.cat((image, mask), dim=1)
+    if image.shape[1] > 1 and image.stride(1) == 1:  # channels-last (or a window of it)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class CRMNet(nn.Module):
     """CRM network: ``feats`` (trunk), ``aspp_`` (fusion) and ``imnet`` (implicit decoder).
 
@@ -305,7 +314,7 @@ class CRMNet(nn.Module):
         Returns:
             feat: (B, C, fh, fw).
         """
-        return self.aspp_(*self.feats(torch.cat((image, mask), dim=1)))
+        return self.aspp_(*self.feats(trunk_input(image, mask)))
 
     def fusion_rows(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """:meth:`encode` up to the fusion's last convolution, as zero-padded channels-last rows.
@@ -322,7 +331,7 @@ class CRMNet(nn.Module):
             (B, fh + 2, fw + 2, C): the branches' concatenation, one zero cell on every side
             (the convolution's padding), C = ``feat_dim``.
         """
-        pre = self.aspp_.branches(*self.feats(torch.cat((image, mask), dim=1)))
+        pre = self.aspp_.branches(*self.feats(trunk_input(image, mask)))
         return F.pad(pre.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
 
     def project_cells(
@@ -564,9 +573,16 @@ class CRMNet(nn.Module):
         # first layer = projected feature + [rel_y, y, rel_x, x, 1] @ their weights
         coords = torch.stack((ry, ys.repeat(4), rx, xs.repeat(4), torch.ones_like(ry)), dim=1)
         w_coord = torch.stack((w_ry, w_cy, w_rx, w_cx, const), dim=0)  # (5, D)
-        out = torch.addmm(feat, coords.to(feat.dtype), w_coord.to(feat.dtype))
-        for layer in list(self.imnet.layers)[1:]:
-            out = layer(out)
+        coords, w_coord = coords.to(feat.dtype), w_coord.to(feat.dtype)
+        if torch.is_grad_enabled():
+            out = torch.addmm(feat, coords, w_coord)
+            for layer in list(self.imnet.layers)[1:]:
+                out = layer(out)
+        else:  # inference: the gathered features become the first layer's output in place
+            out = feat.addmm_(coords, w_coord)
+            del feat
+            for layer in list(self.imnet.layers)[1:]:
+                out = out.relu_() if isinstance(layer, nn.ReLU) else layer(out)
         preds = out[:, 0].float().view(4, q)
         areas = (torch.abs(ry * rx) + 1e-9).view(4, q)
         # each shift is weighted by the area of the diagonally opposite one (LIIF)

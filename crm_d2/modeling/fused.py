@@ -10,7 +10,8 @@ convolution set-up, which dominated the time of small ROIs of many different siz
 (BENCHMARKS.md, issue 11), and one pass over the activations (the batch norm).
 
 Everywhere else (training, contiguous tensors, hence the authors' arithmetic of ``exact=True``)
-it is the plain ``bn(conv(x))``. The two agree to float rounding (~1e-6 relative).
+it is the plain ``bn(conv(x))``. The two agree to float rounding (~1e-6 relative in float32;
+under bf16 / fp16 autocast to that precision).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["conv_bn", "fold_conv_bn", "is_channels_last"]
+__all__ = ["clear_folded", "conv_bn", "fold_conv_bn", "is_channels_last"]
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -32,10 +33,13 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
     """Weight and bias of ``bn(conv(.))`` as one convolution (eval-mode statistics).
 
     Cached on ``bn`` and recomputed whenever any of the tensors involved is replaced (moved,
-    re-laid-out, reloaded) or changed in place (its version counter).
+    re-laid-out, reloaded) or changed in place (its version counter). Writes through ``.data``
+    bypass the version counter: call :func:`clear_folded` after them.
     """
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    # inference-mode tensors have no version counter (and cannot change outside that mode)
+    key = tuple(None if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version)
+                for t in tensors)
     cached = getattr(bn, "_crm_folded", None)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
@@ -50,6 +54,13 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
     return weight, bias
 
 
+def clear_folded(module: nn.Module) -> None:
+    """Drop the folded weights cached by :func:`fold_conv_bn` in ``module`` and below."""
+    for m in module.modules():
+        if hasattr(m, "_crm_folded"):
+            del m._crm_folded
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``bn(conv(x))``; fused in eval mode under ``no_grad`` on channels-last ``x`` (see above).
 
@@ -61,8 +72,8 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     Returns:
         (B, C_out, H', W'), channels-last when ``x`` is.
     """
-    if (conv.training or bn.training or not is_channels_last(x) or not bn.track_running_stats
-            or torch.is_grad_enabled()):
+    if (conv.training or bn.training or not is_channels_last(x) or torch.is_grad_enabled()
+            or not (bn.track_running_stats and bn.affine) or conv.padding_mode != "zeros"):
         return bn(conv(x))
     weight, bias = fold_conv_bn(conv, bn)
     one_by_one = (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1

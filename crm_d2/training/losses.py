@@ -73,6 +73,8 @@ def boundary_weights(gt: torch.Tensor, boundary: float,
     Returns:
         (B, 1, H, W) weights, same dtype as ``gt``.
     """
+    if int(radius) < 1:
+        return torch.ones_like(gt)
     band = boundary_band(gt[:, 0] > 0.5, int(radius))[:, None]
     return 1.0 + float(boundary) * band.to(gt.dtype)
 
