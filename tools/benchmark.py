@@ -274,8 +274,7 @@ def _case_d2(args) -> dict:
 
 
 def _case_heldout(args) -> dict:
-    from crm_d2.training.perturb import perturb_mask, random_iou_target
-
+    from crm_d2.coarse.perturb import perturb_mask, random_iou_target
     from crm_d2.evaluation.binary import boundary_accuracy, iou
     from crm_d2.training.sources import build_source
 
