@@ -122,6 +122,7 @@ def _demo(data: str, size: tuple[int, int]):
 def _mac_counts(refiner) -> dict:
     """Encoder MACs per input pixel and decoder MACs per query (exact and fast forms)."""
     net = refiner.model
+    refiner._use_channels_last(False)  # plain modules, so that every convolution's hook fires
     macs = [0]
 
     def hook(mod, inp, out):
