@@ -50,7 +50,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD = 32
 OFFICIAL_CHUNK = 802_816  # queries per decoder call in the authors' test.py (50176 * 16)
-DEFAULT_CHUNK = 262_144  # most queries per decoder call
+# most queries per decoder call: cache-sized blocks run the 32-wide decoder MLP about 1.4x
+# faster on CPU than 262,144 (BENCHMARKS.md, session 7); the answer does not depend on it
+DEFAULT_CHUNK = 32_768
 
 ProgressFn = Callable[[str, int, int], None]
 

@@ -603,7 +603,7 @@ def refine_fast(
     opts: FastOptions,
     *,
     crop: int = 0,
-    chunk: int = 262_144,
+    chunk: int = 32_768,
     progress: ProgressFn | None = None,
     stats: dict | None = None,
 ) -> Tensor:

@@ -25,6 +25,7 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.utils.file_io import PathManager
 
+from ..inference import DEFAULT_CHUNK
 from ..options import RefineOptions
 
 __all__ = [
@@ -193,8 +194,8 @@ def add_crm_config(cfg: CN) -> None:
     c.MAX_SIDE = d.max_side
     # Masks of one image per refiner call (bounds memory); None = all at once.
     c.MASK_CHUNK = d.mask_chunk
-    # Queries per CRM decoder call (memory vs. speed).
-    c.CHUNK_SIZE = 262144
+    # Queries per CRM decoder call (memory vs. speed; cache-sized blocks are fastest on CPU).
+    c.CHUNK_SIZE = DEFAULT_CHUNK
     # Run the authors' schedule to the letter (their upsampling and every-pixel decoding). The
     # default (off) follows the schedule (crm_d2.sparse.FastOptions.default_for): the dense grid
     # decoder over several scales, equal to it within 1e-5; band decoding at one scale, measured
