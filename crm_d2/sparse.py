@@ -297,16 +297,13 @@ class _ScaleDecoder:
         """(B, ph, pw, D) float32 projected features of a window, with OOM retry."""
         try:
             with self._autocast():
-                img, msk = self.image, self.mask
-                if self.opts.channels_last:
-                    img = img.contiguous(memory_format=torch.channels_last)
-                    msk = msk.contiguous(memory_format=torch.channels_last)
                 if whole:
-                    proj = self.net.project_features(self.net.encode(img, msk))
-                    self.encoded_pixels += img.shape[-2] * img.shape[-1]
-                else:
-                    proj = encode_window(self.net, img, msk, rows, cols, self.halo, stats=self,
-                                         fixed_shape=fixed_shape)
+                    proj = self.net.project_features(self.net.encode(*self._whole_inputs()))
+                    self.encoded_pixels += self.image.shape[-2] * self.image.shape[-1]
+                else:  # only the window's crop changes layout
+                    proj = encode_window(self.net, self.image, self.mask, rows, cols, self.halo,
+                                         stats=self, fixed_shape=fixed_shape,
+                                         channels_last=self.opts.channels_last)
             return proj.float()
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not (self.opts.oom_retry and _is_oom(err)):
@@ -325,6 +322,13 @@ class _ScaleDecoder:
             m = (c + d) // 2
             return torch.cat([self._encode(rows, (c, m), False),
                               self._encode(rows, (m, d), False)], dim=2)
+
+    def _whole_inputs(self) -> tuple[Tensor, Tensor]:
+        """The scale's image and mask in the encoder's layout (``opts.channels_last``)."""
+        if not self.opts.channels_last:
+            return self.image, self.mask
+        return (self.image.contiguous(memory_format=torch.channels_last),
+                self.mask.contiguous(memory_format=torch.channels_last))
 
     def _whole_proj(self, pb: Tensor, py: Tensor, px: Tensor) -> Tensor:
         """(B, fh, fw, D) projected features of the whole map, valid at the cells these pixels
@@ -354,12 +358,8 @@ class _ScaleDecoder:
         try:
             if self.rows is None:
                 with self._autocast():
-                    img, msk = self.image, self.mask
-                    if self.opts.channels_last:
-                        img = img.contiguous(memory_format=torch.channels_last)
-                        msk = msk.contiguous(memory_format=torch.channels_last)
-                    self.rows = self.net.fusion_rows(img, msk)
-                self.encoded_pixels += img.shape[-2] * img.shape[-1]
+                    self.rows = self.net.fusion_rows(*self._whole_inputs())
+                self.encoded_pixels += self.image.shape[-2] * self.image.shape[-1]
                 d = self.net.imnet.layers[0].weight.shape[0]
                 self.whole = torch.zeros(bsz, fh, fw, d, device=pb.device)
             nb, cy, cx = need.nonzero(as_tuple=True)

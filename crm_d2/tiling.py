@@ -127,6 +127,7 @@ def encode_window(
     halo: int,
     stats=None,
     fixed_shape: bool = False,
+    channels_last: bool | None = None,
 ) -> Tensor:
     """Projected decoder features of feature cells ``rows x cols`` (half-open ranges).
 
@@ -141,6 +142,8 @@ def encode_window(
         fixed_shape: at the image border, shift the window inward (more context on the other
             side) instead of shrinking it, so that same-size windows have one input shape
             (the convolution backends set up work per shape: several times faster on CPU).
+        channels_last: run the window in channels-last layout (None: the image's layout);
+            only the window's crop is converted, not the whole image.
 
     Returns:
         (B, rows[1] - rows[0], cols[1] - cols[0], D) = ``net.project_features(net.encode(image,
@@ -162,7 +165,7 @@ def encode_window(
 
     y0, y1 = crop_range(ra, rb, h)
     x0, x1 = crop_range(ca, cb, w)
-    x = trunk_input(image[:, :, y0:y1, x0:x1], mask[:, :, y0:y1, x0:x1])
+    x = trunk_input(image[:, :, y0:y1, x0:x1], mask[:, :, y0:y1, x0:x1], channels_last)
     if stats is not None:
         stats.encoded_pixels += (y1 - y0) * (x1 - x0)
     t1, t2, t3 = net.feats(x)

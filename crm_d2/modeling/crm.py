@@ -217,6 +217,16 @@ class ImplicitMLP(nn.Module):
         """(..., in_dim) -> (..., 1)."""
         return self.layers(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], 1)
 
+    def after_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers after the first linear one, on its output ``x`` (..., hidden[0]).
+
+        Without autograd the ReLUs run in place on ``x`` (inference: no full-size temporaries).
+        """
+        inplace = not torch.is_grad_enabled()
+        for layer in list(self.layers)[1:]:
+            x = x.relu_() if inplace and isinstance(layer, nn.ReLU) else layer(x)
+        return x
+
 
 # The 4 neighbouring feature cells of the local ensemble, (dy, dx) in the official order.
 _SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
@@ -278,11 +288,17 @@ class GridGeometry:
         return int(self.ix[0][c0:c1].min()), int(self.ix[1][c0:c1].max()) + 1
 
 
-def trunk_input(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, 4, h, w) concatenation of image and mask, channels-last when the image is (the
-    concatenation alone would return a contiguous tensor, and the stem would not be fused)."""
+def trunk_input(image: torch.Tensor, mask: torch.Tensor,
+                channels_last: bool | None = None) -> torch.Tensor:
+    """(B, 4, h, w) concatenation of image and mask.
+
+    Channels-last when ``channels_last`` is True, or, when it is None, when the image is (the
+    concatenation alone would return a contiguous tensor, and the stem would not be fused).
+    """
     x = torch.cat((image, mask), dim=1)
-    if image.shape[1] > 1 and image.stride(1) == 1:  # channels-last (or a window of it)
+    if channels_last is None:
+        channels_last = image.shape[1] > 1 and image.stride(1) == 1  # (a window of) channels-last
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -490,15 +506,10 @@ class CRMNet(nn.Module):
             row_term = torch.outer(rel_y, w_ry) + torch.outer(ys, w_cy) + const  # (h', D)
             col_term = torch.outer(rel_x, w_rx) + torch.outer(xs, w_cx)  # (w', D)
             out = q + row_term[:, None, :].to(dt)
-            if torch.is_grad_enabled():
-                out = out + col_term[None, :, :].to(dt)
-                for layer in list(self.imnet.layers)[1:]:
-                    out = layer(out)
-            else:  # inference: no full-size temporaries beyond ``out`` itself
-                out.add_(col_term[None, :, :].to(dt))
-                for layer in list(self.imnet.layers)[1:]:
-                    out = out.relu_() if isinstance(layer, nn.ReLU) else layer(out)
-            preds.append(out[..., 0])
+            col = col_term[None, :, :].to(dt)
+            # inference: no full-size temporaries beyond ``out`` itself
+            out = out + col if torch.is_grad_enabled() else out.add_(col)
+            preds.append(self.imnet.after_first(out)[..., 0])
             areas.append(torch.abs(torch.outer(rel_y, rel_x)) + 1e-9)
         total = areas[0] + areas[1] + areas[2] + areas[3]
         areas = [areas[3], areas[2], areas[1], areas[0]]
@@ -574,16 +585,11 @@ class CRMNet(nn.Module):
         coords = torch.stack((ry, ys.repeat(4), rx, xs.repeat(4), torch.ones_like(ry)), dim=1)
         w_coord = torch.stack((w_ry, w_cy, w_rx, w_cx, const), dim=0)  # (5, D)
         coords, w_coord = coords.to(feat.dtype), w_coord.to(feat.dtype)
-        if torch.is_grad_enabled():
-            out = torch.addmm(feat, coords, w_coord)
-            for layer in list(self.imnet.layers)[1:]:
-                out = layer(out)
-        else:  # inference: the gathered features become the first layer's output in place
-            out = feat.addmm_(coords, w_coord)
-            del feat
-            for layer in list(self.imnet.layers)[1:]:
-                out = out.relu_() if isinstance(layer, nn.ReLU) else layer(out)
-        preds = out[:, 0].float().view(4, q)
+        # inference: the gathered features become the first layer's output in place
+        out = (torch.addmm(feat, coords, w_coord) if torch.is_grad_enabled()
+               else feat.addmm_(coords, w_coord))
+        del feat
+        preds = self.imnet.after_first(out)[:, 0].float().view(4, q)
         areas = (torch.abs(ry * rx) + 1e-9).view(4, q)
         # each shift is weighted by the area of the diagonally opposite one (LIIF)
         return (preds * areas.flip(0)).sum(dim=0) / areas.sum(dim=0)
