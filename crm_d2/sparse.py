@@ -24,11 +24,13 @@ switchable through :class:`FastOptions`:
 - **bounded memory**: the encoder runs on windows (:func:`crm_d2.tiling.encode_window`) around
   the pixels to decode, each sized from a memory budget, so that peak memory follows the region
   being decoded and windows with nothing to decode are never encoded;
-- **device knobs**: autocast (bf16/fp16) and channels-last for the encoder, and a retry with
-  smaller windows and chunks when CUDA runs out of memory.
+- **device knobs**: precision (``autocast``: the encoder's fusion in bf16 where the device
+  computes bf16 natively, by default; the trunk in float32 unless ``autocast_trunk``),
+  channels-last for the encoder, and a retry with smaller windows and chunks when CUDA runs out
+  of memory.
 
-With ``band=None, stride=1`` and a budget that holds the whole image, every pixel is decoded from
-whole-image features: the same function as the authors' schedule (to ~1e-6).
+With ``band=None, stride=1``, no autocast and a budget that holds the whole image, every pixel is
+decoded from whole-image features: the same function as the authors' schedule (to ~1e-6).
 
 Shape shorthand: B batch, Hp/Wp padded full-resolution size, h/w encoder input size at a scale,
 fh/fw feature size, Q decoded pixels.
@@ -50,13 +52,21 @@ from .modeling.crm import CRMNet, GridGeometry
 from .morphology import dilate
 from .tiling import encode_window, encoder_bytes_per_pixel, feature_size, receptive_radius
 
-__all__ = ["FastOptions", "boundary_band", "refine_fast"]
+__all__ = ["AUTOCAST_MIN_PIXELS", "DEFAULT_AUTOCAST", "FastOptions", "autocast_dtype",
+           "boundary_band", "native_bf16", "parse_autocast", "refine_fast"]
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 _DECODE_BYTES_PER_QUERY = 2048  # live bytes of decode_pixels per query (4 shifts), with margin
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Precision of the library default (:meth:`FastOptions.default_for`): the encoder's fusion in
+#: bf16 where the device computes it natively, float32 elsewhere (BENCHMARKS.md, session 8).
+DEFAULT_AUTOCAST = "auto"
+#: ``autocast="auto"`` runs bf16 from this many encoder-input pixels on: on the 2-core CPU of
+#: BENCHMARKS.md bf16 made 2560x1706 and 6000x4000 inputs 1.2-1.4x faster, while COCO ROIs
+#: (about 0.01-0.2 Mpx) were no faster (oneDNN's per-shape bf16 set-up and reorders).
+AUTOCAST_MIN_PIXELS = 2**19
 _DENSE_CELLS = 0.6  # share of a map's cells from which one dense fusion convolution is cheaper
 DENSE_MEMORY_MB = 1024.0  # encoder budget of dense decoding (FastOptions.dense)
 _EXACT_HALO_MARGIN = 8  # input pixels added to the receptive radius for halo=None
@@ -94,7 +104,13 @@ class FastOptions:
             windows and chunks shrink to fit it. The whole image is encoded in one pass when it
             fits the budget and most of it has pixels to decode.
         skip_padding: at the last scale, do not decode the reflect padding (it is cropped).
-        autocast: None, "bf16" or "fp16": run the encoder under ``torch.autocast``.
+        autocast: None, "bf16", "fp16" or "auto" (bf16 where the device computes it natively,
+            :func:`native_bf16`, for encoder inputs of at least :data:`AUTOCAST_MIN_PIXELS`;
+            else float32): run the encoder's fusion (and the decoder's feature projection)
+            under ``torch.autocast``.
+        autocast_trunk: run the trunk under ``autocast`` too (faster, less exact: with the
+            shipped EfficientNet-Lite trunk in bf16 the masks agree less with float32; see
+            BENCHMARKS.md).
         channels_last: run the encoder on channels-last tensors, with each convolution and
             its batch norm fused (:mod:`crm_d2.modeling.fused`; on by default: the same
             function to float rounding, 1.6x faster on the COCO image of BENCHMARKS.md on the
@@ -114,6 +130,7 @@ class FastOptions:
     memory_mb: float = 768.0
     skip_padding: bool = True
     autocast: str | None = None
+    autocast_trunk: bool = False
     channels_last: bool = True
     oom_retry: bool = True
 
@@ -136,8 +153,9 @@ class FastOptions:
             raise ValueError(f"halo must be >= 0 or None, got {self.halo}")
         if not (self.memory_mb > 0):
             raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
-        if self.autocast not in (None, *_AUTOCAST):
-            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
+        if self.autocast not in (None, "auto", *_AUTOCAST):
+            raise ValueError(f"autocast must be None, 'auto', 'bf16' or 'fp16', got "
+                             f"{self.autocast!r}")
 
     @classmethod
     def dense(cls, memory_mb: float = DENSE_MEMORY_MB) -> FastOptions:
@@ -151,8 +169,13 @@ class FastOptions:
                    skip_padding=False)
 
     @classmethod
-    def default_for(cls, scales: Sequence[float]) -> FastOptions:
+    def default_for(cls, scales: Sequence[float],
+                    autocast: str | None = DEFAULT_AUTOCAST) -> FastOptions:
         """The default decoding of a schedule: the fastest one measured equal to dense on it.
+
+        ``autocast`` (default ``"auto"``: the fusion in bf16 where the device computes bf16
+        natively) is measured within the 0.1-point tolerance of float32 on held-out images with
+        the shipped weights at one and four scales; the trunk stays float32.
 
         One scale: band decoding with growth and a 96-px window halo (``grow=4, halo=96``): with
         the shipped weights' one-scale schedule, identical or nearly so to dense decoding on
@@ -163,7 +186,8 @@ class FastOptions:
         the coarse scales rewrite soft regions far from any boundary, which a band copies
         instead (no band variant met the 0.1-point tolerance there).
         """
-        return cls(grow=4, halo=96) if len(scales) == 1 else cls.dense()
+        opts = cls(grow=4, halo=96) if len(scales) == 1 else cls.dense()
+        return opts.with_(autocast=parse_autocast(autocast))
 
     @property
     def is_dense(self) -> bool:
@@ -176,6 +200,9 @@ class FastOptions:
         """``"dense"`` or the fields that differ from :class:`FastOptions`'s defaults."""
         if self.is_dense:
             return "dense"
+        if self.with_(autocast=None).is_dense:
+            trunk = ", autocast_trunk=True" if self.autocast_trunk else ""
+            return f"dense(autocast={self.autocast}{trunk})"
         base = FastOptions()
         diff = [f"{k}={getattr(self, k)}" for k in self.__dataclass_fields__
                 if getattr(self, k) != getattr(base, k)]
@@ -185,6 +212,13 @@ class FastOptions:
     def with_(self, **changes) -> FastOptions:
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+    def resolved(self, device: torch.device | str) -> FastOptions:
+        """The options as they run on ``device``: ``autocast="auto"`` becomes None where the
+        device has no native bf16 (and stays "auto", bf16 on large inputs, where it has)."""
+        if self.autocast != "auto" or native_bf16(device):
+            return self
+        return self.with_(autocast=None)
 
     def band_width(self, scale: float) -> int | None:
         """Band half-width in full-resolution pixels at ``scale`` (None: everything)."""
@@ -196,6 +230,39 @@ class FastOptions:
 # --------------------------------------------------------------------------------------------
 # Which pixels
 # --------------------------------------------------------------------------------------------
+def native_bf16(device: torch.device | str) -> bool:
+    """Does ``device`` compute bfloat16 natively (CUDA with bf16; a CPU with AVX512-BF16 or
+    AMX, where oneDNN runs bf16 convolutions several times faster than float32)?"""
+    device = torch.device(device)
+    if device.type == "cuda":  # Ampere and later; older GPUs only emulate bf16
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def parse_autocast(value: str | None) -> str | None:
+    """A user's autocast setting -> :attr:`FastOptions.autocast`: ``"auto"``, ``"bf16"``,
+    ``"fp16"``, or None for ``None`` / ``"none"`` / ``"off"`` / ``""`` (float32)."""
+    text = "" if value is None or value is False else str(value).strip().lower()
+    if text in ("", "none", "off", "fp32", "float32"):
+        return None
+    if text not in ("auto", *_AUTOCAST):
+        raise ValueError(f"autocast must be 'auto', 'bf16', 'fp16' or 'none', got {value!r}")
+    return text
+
+
+def autocast_dtype(name: str | None, device: torch.device | str,
+                   pixels: int | None = None) -> torch.dtype | None:
+    """The dtype of :attr:`FastOptions.autocast` ``name`` on ``device`` for an encoder input of
+    ``pixels`` pixels (None: any size); None means float32."""
+    if name == "auto":
+        large = pixels is None or pixels >= AUTOCAST_MIN_PIXELS
+        return torch.bfloat16 if large and native_bf16(device) else None
+    return None if name is None else _AUTOCAST[name]
+
+
 def _cells_any(mask: Tensor, c: int) -> Tensor:
     """(B, H, W) bool -> (B, ceil(H/c), ceil(W/c)) bool: does each c x c cell hold a True pixel."""
     if c == 1:
@@ -263,7 +330,8 @@ class _ScaleDecoder:
         self.fsize = feature_size((h, w))
         self.geom = GridGeometry(grid_size, self.fsize, image.device)
         budget = opts.memory_mb * 2**20
-        itemsize = 2 if opts.autocast else 4
+        self.dtype = autocast_dtype(opts.autocast, image.device, h * w)  # None: float32
+        itemsize = 2 if self.dtype is not None and opts.autocast_trunk else 4
         self.bpp = encoder_bytes_per_pixel(net, bsz, itemsize)
         self.whole_fits = h * w * self.bpp <= budget
         self.halo = (receptive_radius(net.arch) + _EXACT_HALO_MARGIN if opts.halo is None
@@ -288,9 +356,9 @@ class _ScaleDecoder:
 
     # ---------------------------------------------------------------- encoder
     def _autocast(self):
-        if self.opts.autocast is None:
+        if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.image.device.type, dtype=_AUTOCAST[self.opts.autocast])
+        return torch.autocast(self.image.device.type, dtype=self.dtype)
 
     def _encode(self, rows: tuple[int, int], cols: tuple[int, int], whole: bool,
                 fixed_shape: bool = False) -> Tensor:
@@ -298,12 +366,14 @@ class _ScaleDecoder:
         try:
             with self._autocast():
                 if whole:
-                    proj = self.net.project_features(self.net.encode(*self._whole_inputs()))
+                    proj = self.net.project_features(
+                        self.net.encode(*self._whole_inputs(), self.opts.autocast_trunk))
                     self.encoded_pixels += self.image.shape[-2] * self.image.shape[-1]
                 else:  # only the window's crop changes layout
                     proj = encode_window(self.net, self.image, self.mask, rows, cols, self.halo,
                                          stats=self, fixed_shape=fixed_shape,
-                                         channels_last=self.opts.channels_last)
+                                         channels_last=self.opts.channels_last,
+                                         autocast_trunk=self.opts.autocast_trunk)
             return proj.float()
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not (self.opts.oom_retry and _is_oom(err)):
@@ -358,7 +428,8 @@ class _ScaleDecoder:
         try:
             if self.rows is None:
                 with self._autocast():
-                    self.rows = self.net.fusion_rows(*self._whole_inputs())
+                    self.rows = self.net.fusion_rows(*self._whole_inputs(),
+                                                     self.opts.autocast_trunk)
                 self.encoded_pixels += self.image.shape[-2] * self.image.shape[-1]
                 d = self.net.imnet.layers[0].weight.shape[0]
                 self.whole = torch.zeros(bsz, fh, fw, d, device=pb.device)

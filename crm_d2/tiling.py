@@ -105,7 +105,7 @@ def _resize_axis(x: Tensor, dim: int, n_out: int, n_in: int, out0: int, out_len:
     scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
     src = out_idx * scale
     lo = src.floor()
-    lam = (src - lo).to(x.dtype)
+    lam = src - lo  # float32
     lo = lo.long()
     hi = torch.clamp(lo + 1, max=n_in - 1)
     n_local = x.shape[dim]
@@ -115,7 +115,9 @@ def _resize_axis(x: Tensor, dim: int, n_out: int, n_in: int, out0: int, out_len:
     b = x.index_select(dim, i1)
     shape = [1] * x.dim()
     shape[dim] = out_len
-    return torch.lerp(a, b, lam.view(shape))
+    if x.dtype in (torch.float16, torch.bfloat16):  # the weights in float32, as F.interpolate
+        return torch.lerp(a.float(), b.float(), lam.view(shape)).to(x.dtype)
+    return torch.lerp(a, b, lam.to(x.dtype).view(shape))
 
 
 def encode_window(
@@ -128,6 +130,7 @@ def encode_window(
     stats=None,
     fixed_shape: bool = False,
     channels_last: bool | None = None,
+    autocast_trunk: bool = True,
 ) -> Tensor:
     """Projected decoder features of feature cells ``rows x cols`` (half-open ranges).
 
@@ -144,6 +147,7 @@ def encode_window(
             (the convolution backends set up work per shape: several times faster on CPU).
         channels_last: run the window in channels-last layout (None: the image's layout);
             only the window's crop is converted, not the whole image.
+        autocast_trunk: see :meth:`CRMNet.trunk` (only matters under ``torch.autocast``).
 
     Returns:
         (B, rows[1] - rows[0], cols[1] - cols[0], D) = ``net.project_features(net.encode(image,
@@ -168,7 +172,7 @@ def encode_window(
     x = trunk_input(image[:, :, y0:y1, x0:x1], mask[:, :, y0:y1, x0:x1], channels_last)
     if stats is not None:
         stats.encoded_pixels += (y1 - y0) * (x1 - x0)
-    t1, t2, t3 = net.feats(x)
+    t1, t2, t3 = net.trunk(x, autocast_trunk)
     gy, gx = tap_sizes(h), tap_sizes(w)
     n1y, n1x = t1.shape[-2:]
 

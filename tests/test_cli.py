@@ -53,6 +53,24 @@ def test_threshold_gives_binary(files, weights):
     assert set(np.unique(np.asarray(Image.open(out)))) <= {0, 255}
 
 
+def test_autocast_flag_sets_the_precision(files, weights, monkeypatch):
+    from crm_d2 import CRMRefiner
+
+    seen = []
+    real = CRMRefiner.refine
+
+    def spy(self, *a, **k):
+        seen.append(self.fast_options())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(CRMRefiner, "refine", spy)
+    base = [str(files / "im.jpg"), str(files / "mask.png"), "-o", str(files / "o.png"),
+            "--weights", weights, "--quiet"]
+    assert cli.main(base) == 0
+    assert cli.main(base + ["--autocast", "none"]) == 0
+    assert [o.autocast for o in seen] == ["auto", None]
+
+
 def test_missing_weights_says_what_to_pass(files, monkeypatch):
     monkeypatch.setattr("crm_d2.weights.default_weights_path", lambda: None)
     with pytest.raises(SystemExit, match="--weights PATH.*model_45705"):

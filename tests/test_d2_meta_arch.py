@@ -245,9 +245,12 @@ def test_from_config_builds_inner_model_and_frozen_refiner(crm_checkpoint):
     assert isinstance(model, CRMRefinedModel)
     assert type(model.model) is CRMTestPanopticFPN
     assert model.refiner.scales == (0.5, 1.0)
+    assert model.refiner.autocast == "auto"  # MODEL.CRM.AUTOCAST's default
     assert model.options.exclusive is None and model.options.void_id == -1
     assert not any(k.startswith("refiner") for k in model.state_dict())
     assert set(model.state_dict()) == {"model.weight"}
+    cfg.MODEL.CRM.AUTOCAST = "none"
+    assert build_model(cfg).refiner.autocast is None
     model.train()
     assert model.model.training
     assert not model.refiner.model.training

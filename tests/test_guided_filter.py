@@ -116,3 +116,8 @@ def test_factory_cli_and_config_switch(tmp_path):
     with pytest.raises(SystemExit, match="--scales"):
         cli.main([str(tmp_path / "i.png"), str(tmp_path / "m.png"), "-o", str(out),
                   "--refiner", "guided_filter", "--scales", "1"])
+    with pytest.raises(SystemExit, match="--autocast"):
+        cli.main([str(tmp_path / "i.png"), str(tmp_path / "m.png"), "-o", str(out),
+                  "--refiner", "guided_filter", "--autocast", "bf16"])
+    with pytest.raises(ValueError, match="autocast do not apply"):
+        load_refiner("guided_filter", autocast="bf16")

@@ -381,14 +381,23 @@ def test_band_vs_dense_tool_parses_fast_options():
     name, opts = tool["parse_variant"]("g=grow:4,halo:96,scan:0.25")
     assert name == "g" and (opts.grow, opts.halo, opts.scan) == (4, 96, 0.25)
     assert tool["parse_variant"]("band=")[1] == FastOptions()
+    assert tool["parse_variant"]("d=dense,autocast:bf16")[1] == FastOptions.dense().with_(
+        autocast="bf16")
+    assert tool["parse_variant"]("b=band:none,halo:none")[1] == FastOptions(band=None, halo=None)
     with pytest.raises(argparse.ArgumentTypeError, match="not a FastOptions field"):
         tool["parse_variant"]("x=halos:3")
 
 
 def test_default_decoding_follows_the_schedule(sample, decodings):
-    """No ``fast`` given: one scale runs the band with growth, several scales run dense."""
-    assert FastOptions.default_for((1.0,)) == FastOptions(grow=4, halo=96)
-    assert FastOptions.default_for((0.5, 1.0)).is_dense
+    """No ``fast`` given: one scale runs the band with growth, several scales run dense; both
+    with the fusion under ``autocast="auto"`` unless the refiner says otherwise."""
+    auto = FastOptions(grow=4, halo=96, autocast="auto")
+    assert FastOptions.default_for((1.0,)) == auto
+    assert FastOptions.default_for((1.0,), autocast=None) == FastOptions(grow=4, halo=96)
+    assert FastOptions.default_for((0.5, 1.0), autocast="none").is_dense
+    dense_auto = FastOptions.default_for((0.5, 1.0))
+    assert dense_auto == FastOptions.dense().with_(autocast="auto")
+    assert dense_auto.describe() == "dense(autocast=auto)"
     assert FastOptions.dense().describe() == "dense"
     assert FastOptions(grow=4, halo=96).describe() == "band(grow=4, halo=96)"
     assert FastOptions.dense(float("inf")).is_dense  # one pass: whole-image features
@@ -401,11 +410,71 @@ def test_default_decoding_follows_the_schedule(sample, decodings):
     one.refine(img, mask, scales=(0.5, 1.0))
     fixed = CRMRefiner(one.model, scales=(1.0,), fast=FastOptions.dense())
     fixed.refine(img, mask)
-    assert [s for s, _ in seen] == [(1.0,), (0.5, 1.0), (1.0,)]
-    assert seen[0][1] == FastOptions(grow=4, halo=96)
-    assert seen[1][1].is_dense and seen[2][1].is_dense
-    assert one.fast_options() == FastOptions(grow=4, halo=96)
+    fp32 = CRMRefiner(one.model, scales=(1.0,), autocast="none")
+    fp32.refine(img, mask, scales=(0.5, 1.0))
+    assert [s for s, _ in seen] == [(1.0,), (0.5, 1.0), (1.0,), (0.5, 1.0)]
+    assert seen[0][1] == auto
+    assert seen[1][1] == dense_auto and seen[2][1].is_dense and seen[3][1].is_dense
+    assert one.fast_options() == auto
     assert fixed.fast_options((1.0,)).is_dense
+    assert fp32.fast_options() == FastOptions(grow=4, halo=96)
+    with pytest.raises(ValueError, match="autocast must be"):
+        CRMRefiner(one.model, autocast="int8")
+
+
+def test_autocast_auto_follows_the_device(monkeypatch):
+    """``"auto"`` is bf16 exactly where the device computes it natively."""
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v,
+                            raising=False)
+        native = amx or avx
+        assert sparse_mod.native_bf16("cpu") is native
+        assert sparse_mod.autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
+        big, small = sparse_mod.AUTOCAST_MIN_PIXELS, sparse_mod.AUTOCAST_MIN_PIXELS - 1
+        assert sparse_mod.autocast_dtype("auto", "cpu", big) == (torch.bfloat16 if native
+                                                                 else None)
+        assert sparse_mod.autocast_dtype("auto", "cpu", small) is None  # small ROIs: float32
+        assert sparse_mod.autocast_dtype("bf16", "cpu", small) == torch.bfloat16
+        resolved = FastOptions.dense().with_(autocast="auto").resolved("cpu")
+        assert resolved.autocast == ("auto" if native else None)
+        assert resolved.is_dense is not native
+    assert sparse_mod.autocast_dtype("fp16", "cpu") == torch.float16
+    assert sparse_mod.autocast_dtype(None, "cpu") is None
+    assert not sparse_mod.native_bf16("meta")
+    for text, value in (("none", None), ("", None), ("OFF", None), (None, None),
+                        ("bf16", "bf16"), ("auto", "auto")):
+        assert sparse_mod.parse_autocast(text) == value
+
+
+def test_autocast_keeps_the_trunk_in_float32_unless_asked(refiner):
+    """Under autocast the fusion runs in bf16 and the trunk in float32 (``autocast_trunk``)."""
+    net = refiner.model
+    torch.manual_seed(3)
+    x = torch.randn(1, 4, 40, 56)
+    dtypes = {}
+
+    def hook(mod, inp, out) -> None:
+        dtypes["trunk"] = [t.dtype for t in out]
+
+    handle = net.feats.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            feat = net.encode(x[:, :3], x[:, 3:], autocast_trunk=False)
+            assert dtypes.pop("trunk") == [torch.float32] * 3 and feat.dtype == torch.bfloat16
+            net.encode(x[:, :3], x[:, 3:])
+            assert dtypes.pop("trunk") == [torch.bfloat16] * 3
+    finally:
+        handle.remove()
+    img, mask = _sample(64, 80)
+    ref = refiner.refine(img, mask, scales=ONE, fast=FastOptions.dense())
+    for trunk in (False, True):
+        bf = refiner.refine(img, mask, scales=ONE,
+                            fast=FastOptions.dense().with_(autocast="bf16", autocast_trunk=trunk))
+        assert np.isfinite(bf).all() and 0 < np.abs(bf - ref).max() < 0.05
+    # "auto" leaves inputs below AUTOCAST_MIN_PIXELS in float32, bit for bit
+    auto = refiner.refine(img, mask, scales=ONE, fast=FastOptions.dense().with_(autocast="auto"))
+    assert np.array_equal(auto, ref)
 
 
 def test_dense_over_budget_is_windowed_and_equal(refiner):
@@ -492,4 +561,4 @@ def test_decoding_follows_the_schedule_asked_for_not_the_roi_rule(sample, decodi
     img, mask = sample
     four = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True), min_side=100)
     four.refine(img, mask)
-    assert seen[0][0] == (1.0,) and seen[0][1].is_dense
+    assert seen[0][0] == (1.0,) and seen[0][1] == FastOptions.default_for((0.5, 1.0))

@@ -32,20 +32,45 @@ from crm_d2.training.sources import build_source
 logger = logging.getLogger("band_vs_dense")
 
 
+def _value(text: str):
+    """A FastOptions value: ``none`` -> None, ``true``/``false``, a number (``inf``), else the
+    text (``autocast:bf16``)."""
+    low = text.strip().lower()
+    if low == "none":
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return float(low) if "." in low or low == "inf" else int(low)
+    except ValueError:
+        return text.strip()
+
+
 def parse_variant(spec: str) -> tuple[str, FastOptions]:
-    """``NAME=key:value,key:value`` (FastOptions fields; empty = FastOptions()) -> options."""
+    """``NAME=[dense,]key:value,...`` -> options.
+
+    FastOptions fields change :class:`FastOptions`'s defaults (nothing: ``FastOptions()``), or
+    :meth:`FastOptions.dense`'s when the first item is ``dense`` (``NAME=dense,autocast:bf16``).
+    """
     name, _, body = spec.partition("=")
     if not name:
         raise argparse.ArgumentTypeError(f"variant {spec!r}: expected NAME=key:value,...")
+    items = [item for item in body.split(",") if item]
+    base = FastOptions()
+    if items and items[0] == "dense":
+        base, items = FastOptions.dense(), items[1:]
     kwargs = {}
-    for item in filter(None, body.split(",")):
+    for item in items:
         key, _, value = item.partition(":")
         if key not in FastOptions.__dataclass_fields__:
             raise argparse.ArgumentTypeError(
                 f"variant {spec!r}: {key!r} is not a FastOptions field"
             )
-        kwargs[key] = float(value) if "." in value else int(value)
-    return name, FastOptions(**kwargs)
+        kwargs[key] = _value(value)
+    try:
+        return name, base.with_(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"variant {spec!r}: {e}") from e
 
 
 def main(argv=None) -> int:

@@ -8,12 +8,15 @@ machine and the command, to ``--output`` (BENCHMARKS.md). Cases:
 1. ``img1``: the demo photo (``highres_demo/aeroplane.jpg``) and its coarse mask resized to
    2560x1706, 4 scales, with the official ResNet-50 architecture (random weights in the official
    format, calibrated so that logits are not saturated: there are no official weights here) and
-   with the shipped weights. Modes: ``exact`` (the authors' arithmetic), ``default`` (the
-   library's default for the schedule, :meth:`FastOptions.default_for`: dense decoding with a
-   1-GiB encoder budget over several scales, band decoding at one), ``dense`` (every pixel from
+   with the shipped weights (``--img1-modes``). Modes: ``exact`` (the authors' arithmetic),
+   ``default`` (the library's default for the schedule, :meth:`FastOptions.default_for`: dense
+   decoding with a 1-GiB encoder budget over several scales, band decoding at one, the fusion in
+   bf16 where the CPU computes it natively), ``dense`` (every pixel from
    one whole-image encoder pass; equals exact to ~1e-5), ``dense-1g`` (the same within a 1-GiB
    encoder budget: exact windows beyond it), ``band`` (``FastOptions()``: band
    decoding + windowed encoder), ``stride4`` (strided decoding alone), ``band+stride2``.
+   Suffixes change the precision or layout of any mode but exact: ``+fp32`` (no autocast),
+   ``+bf16`` (the fusion in bf16), ``+bf16t`` (the trunk too), ``+nocl`` (no channels-last).
 2. ``big``: 6000x4000 (and 3000x2000 for the growth with pixels), ``--big-modes`` (default:
    the band path) at ``--big-scales``.
 3. ``coco``: the segments of a COCO panoptic image through ``crm_d2.segments.refine_segments``
@@ -59,6 +62,7 @@ MODES = {  # FastOptions from its class; None = exact=True; "library" = the refi
     "band+stride2": lambda F: F(stride=2),
 }
 SCALES4 = (0.125, 0.25, 0.5, 1.0)
+IMG1_MODES = ("r50:exact", "r50:default", "r50:band", "lite:dense", "lite:default", "lite:band")
 CANONICAL = (64, 96, 128, 192, 256, 384, 512, 768, 1024)  # ROI sides of cross-size batching
 
 
@@ -81,9 +85,11 @@ def _refiner(weights: str):
 
 
 # Device-knob suffixes of a mode (any mode but exact): "default+nocl" is the library default
-# without channels-last, "band+bf16" the band path with the encoder under bf16 autocast.
+# without channels-last, "band+bf16" the band path with the fusion under bf16 autocast,
+# "+bf16t" the trunk too, "+fp32" no autocast. Longer suffixes first ("+bf16t" before "+bf16").
 KNOBS = {"+cl": {"channels_last": True}, "+nocl": {"channels_last": False},
-         "+bf16": {"autocast": "bf16"}}
+         "+bf16t": {"autocast": "bf16", "autocast_trunk": True},
+         "+bf16": {"autocast": "bf16"}, "+fp32": {"autocast": None}}
 
 
 def _split_knobs(mode: str) -> tuple[str, dict]:
@@ -415,9 +421,12 @@ def main(argv=None) -> int:
                     help="case groups to skip: img1 exact big coco d2 switches heldout "
                          "cascadepsp")
     ap.add_argument("--img1", default="2560x1706", help="WxH of image 1")
+    ap.add_argument("--img1-modes", nargs="+", default=list(IMG1_MODES), metavar="WEIGHTS:MODE",
+                    help="cases of image 1, in order (r50:exact is the reference; skipped with "
+                         "--skip exact); modes take the +fp32 / +bf16 / +bf16t / +nocl knobs")
     ap.add_argument("--big", nargs="*", default=["3000x2000", "6000x4000"],
                     help="WxH sizes of case 2 (r50; lite at the last one)")
-    ap.add_argument("--big-modes", nargs="+", default=["band"], choices=sorted(MODES),
+    ap.add_argument("--big-modes", nargs="+", default=["band"],
                     help="modes of case 2")
     ap.add_argument("--big-scales", type=float, nargs="+", default=list(SCALES4),
                     help="scales of case 2")
@@ -440,6 +449,18 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", type=float, nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    img1_modes = []
+    for case in args.img1_modes:
+        weights, _, mode = case.partition(":")
+        if weights not in ("r50", "lite"):
+            ap.error(f"--img1-modes {case!r}: expected r50:MODE or lite:MODE")
+        img1_modes.append(mode)
+    for mode in [*img1_modes, *args.big_modes, *args.coco_modes]:
+        base, knobs = _split_knobs(mode)
+        if base.replace("+canon", "").replace("-4s", "") not in MODES:
+            ap.error(f"mode {mode!r}: expected one of {', '.join(MODES)} (+ knobs)")
+        if knobs and base == "exact":
+            ap.error(f"mode {mode!r}: exact runs the authors' arithmetic, it takes no knobs")
     if args.child:
         _child(args)
         return 0
@@ -462,10 +483,10 @@ def main(argv=None) -> int:
 
     img1 = args.img1
     if "img1" not in args.skip:
-        order = ([] if "exact" in args.skip else [("r50", "exact")]) + [
-            ("r50", "default"), ("r50", "band"), ("lite", "dense"), ("lite", "default"),
-            ("lite", "band")]
-        for weights, mode in order:
+        for case in args.img1_modes:
+            weights, _, mode = case.partition(":")
+            if mode == "exact" and "exact" in args.skip:
+                continue
             refine_case(weights, mode, img1)
     if "big" not in args.skip:
         lite_sizes = args.big if args.big_weights == ["lite"] else args.big[-1:]

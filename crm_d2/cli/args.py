@@ -83,3 +83,7 @@ def float_range(text: str) -> tuple[float, float]:
     if len(values) != 2 or not 0 < values[0] <= values[1]:
         raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI, got {text!r}")
     return values
+
+
+#: ``--autocast`` values of the CRM commands (see :func:`crm_d2.sparse.parse_autocast`).
+AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")

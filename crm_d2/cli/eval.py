@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 
 from crm_d2.cli.args import (
+    AUTOCAST_CHOICES,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="CRM input scales, coarse to fine (default: the checkpoint's)",
     )
     w.add_argument("--chunk-size", type=positive_int, default=None, help="decoder queries per call")
+    w.add_argument("--autocast", choices=AUTOCAST_CHOICES, default=None,
+                   help="CRM precision: auto (the default: the encoder's fusion in bf16 where "
+                        "the device computes it natively), none (float32), bf16, fp16")
 
     i = p.add_argument_group("input (one of --coco-instances, --coco-panoptic, --big)")
     mode = i.add_mutually_exclusive_group(required=True)
@@ -318,7 +322,8 @@ def _cascadepsp_refiner(args: argparse.Namespace, device: str):
         CascadePSPNet,
     )
 
-    crm_only = [k for k, v in (("--scales", args.scales), ("--chunk-size", args.chunk_size)) if v]
+    crm_only = [k for k, v in (("--scales", args.scales), ("--chunk-size", args.chunk_size),
+                               ("--autocast", args.autocast)) if v]
     if crm_only:
         raise _fail(f"{', '.join(crm_only)}: CRM option(s), not for --refiner cascadepsp")
     if args.random_weights is not None:
@@ -353,6 +358,7 @@ def _refiner(args: argparse.Namespace, device: str):
             for k, v in (
                 ("--scales", args.scales),
                 ("--chunk-size", args.chunk_size),
+                ("--autocast", args.autocast),
                 ("--weights", args.weights),
                 ("--random-weights", args.random_weights),
             )
@@ -365,6 +371,8 @@ def _refiner(args: argparse.Namespace, device: str):
     kwargs = {}
     if args.chunk_size is not None:
         kwargs["chunk_size"] = args.chunk_size
+    if args.autocast is not None:
+        kwargs["autocast"] = args.autocast
     if args.scales:
         kwargs["scales"] = tuple(args.scales)
     if args.random_weights is not None:

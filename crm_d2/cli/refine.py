@@ -17,7 +17,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from crm_d2.cli.args import non_negative_int, positive_float, positive_int, probability
+from crm_d2.cli.args import (
+    AUTOCAST_CHOICES,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from crm_d2.io import check_output_file, read_image, read_mask, save_image
 
 logger = logging.getLogger("crm_d2.refine")
@@ -59,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the overview is shrunk, add below it this many pixels square of "
                         "the region that changed most, at full resolution (0 = no zoom)")
     p.add_argument("--exact", action="store_true",
-                   help="run the authors' arithmetic to the letter (slower; the default equals "
-                        "it to ~1e-6 over several scales, and is band decoding measured against "
-                        "it at one scale)")
+                   help="run the authors' arithmetic to the letter (slower; with --autocast "
+                        "none the default equals it to ~1e-6 over several scales, and is band "
+                        "decoding measured against it at one scale)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="queries per decoder call")
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default=None,
+                   help="CRM precision: auto (the default: the encoder's fusion in bf16 where "
+                        "the device computes it natively), none (float32), bf16, fp16")
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the memory estimate exceeds the available memory")
     p.add_argument("--fast", action="store_true",
@@ -140,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from crm_d2.refiners import load_refiner
 
     crm = args.refiner == "crm"
-    crm_only = {"--scales": args.scales, "--exact": args.exact, "--chunk-size": args.chunk_size}
+    crm_only = {"--scales": args.scales, "--exact": args.exact, "--chunk-size": args.chunk_size,
+                "--autocast": args.autocast}
     cascadepsp_only = {"--fast": args.fast, "--L": args.L}
     foreign = [k for k, v in crm_only.items() if v not in (None, False)] if not crm else []
     if args.refiner != "cascadepsp":
@@ -148,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if foreign:
         raise _fail(f"{', '.join(foreign)} do(es) not apply to --refiner {args.refiner}")
     if crm:
-        kwargs = {"chunk_size": args.chunk_size, "scales": args.scales}
+        kwargs = {"chunk_size": args.chunk_size, "scales": args.scales,
+                  "autocast": args.autocast}
         refine_kwargs = {"exact": args.exact}
     elif args.refiner == "cascadepsp":
         kwargs, refine_kwargs = {"L": args.L, "fast": args.fast}, {}

@@ -138,7 +138,7 @@ def _refiner_record(refiner, scales: tuple[float, ...] | None) -> dict[str, Any]
     if isinstance(refiner, CRMRefiner):
         scales = tuple(refiner.scales if scales is None else scales)
         record: dict[str, Any] = {"scales": list(scales)}
-        decoding = refiner.fast_options(scales)
+        decoding = refiner.fast_options(scales).resolved(refiner.device)
         if not decoding.is_dense:  # records cached with dense decoding stay valid
             record["decoding"] = decoding.describe()
         return record

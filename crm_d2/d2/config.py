@@ -27,6 +27,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..inference import DEFAULT_CHUNK
 from ..options import RefineOptions
+from ..sparse import DEFAULT_AUTOCAST
 
 __all__ = [
     "CRMOptions",
@@ -162,8 +163,8 @@ def add_crm_config(cfg: CN) -> None:
     # weights shipped with crm_d2 (crm_d2.weights.default_weights_path()).
     c.WEIGHTS = ""
     # Refiner: "crm" (Shen et al. 2022), "cascadepsp" (Cheng et al. 2020; WEIGHTS is then the
-    # released file 'model', and SCALES / CHUNK_SIZE / EXACT do not apply) or "guided_filter"
-    # (He et al. 2010, training-free baseline; WEIGHTS must be "").
+    # released file 'model', and SCALES / CHUNK_SIZE / AUTOCAST / EXACT do not apply) or
+    # "guided_filter" (He et al. 2010, training-free baseline; WEIGHTS must be "").
     c.REFINER = "crm"
     # META_ARCHITECTURE of the wrapped (inner) model, e.g. "PanopticFPN", "PanopticFCN".
     c.INNER_META_ARCHITECTURE = ""
@@ -196,10 +197,15 @@ def add_crm_config(cfg: CN) -> None:
     c.MASK_CHUNK = d.mask_chunk
     # Queries per CRM decoder call (memory vs. speed; cache-sized blocks are fastest on CPU).
     c.CHUNK_SIZE = DEFAULT_CHUNK
+    # Precision of CRM's fast path: "auto" = the encoder's fusion in bf16 where the device
+    # computes bf16 natively (CUDA, CPUs with AVX512-BF16 / AMX), float32 elsewhere; "none" =
+    # float32 everywhere (a string, not null); "bf16" / "fp16" force it. Measured within 0.1
+    # IoU / mBA points of float32 on held-out images (BENCHMARKS.md). Ignored by EXACT.
+    c.AUTOCAST = DEFAULT_AUTOCAST
     # Run the authors' schedule to the letter (their upsampling and every-pixel decoding). The
     # default (off) follows the schedule (crm_d2.sparse.FastOptions.default_for): the dense grid
-    # decoder over several scales, equal to it within 1e-5; band decoding at one scale, measured
-    # against dense on held-out images (BENCHMARKS.md).
+    # decoder over several scales, equal to it within 1e-5 in float32 (see AUTOCAST); band
+    # decoding at one scale, measured against dense on held-out images (BENCHMARKS.md).
     c.EXACT = d.exact
     # Multiply each refined instance's score by the mean refined probability inside its new
     # mask (Mask Scoring style); off keeps the inner model's scores.

@@ -144,7 +144,7 @@ class CRMRefinedModel(nn.Module):
             weights, kwargs = None, {}
         elif kind == "crm":
             weights = resolve_crm_weights(crm.WEIGHTS)
-            kwargs = {"chunk_size": int(crm.CHUNK_SIZE)}
+            kwargs = {"chunk_size": int(crm.CHUNK_SIZE), "autocast": crm.AUTOCAST}
             if len(crm.SCALES):
                 kwargs["scales"] = tuple(float(s) for s in crm.SCALES)
         else:

@@ -320,19 +320,34 @@ class CRMNet(nn.Module):
         self.aspp_ = FeatureFusion(self.feats.out_channels, arch.feat_dim)
         self.imnet = ImplicitMLP(arch.feat_dim + 6, arch.mlp_hidden)
 
-    def encode(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor, autocast: bool = True) -> tuple[torch.Tensor, ...]:
+        """The trunk's three taps of a :func:`trunk_input` ``x``.
+
+        ``autocast=False`` runs the trunk in float32 even inside an enclosing
+        ``torch.autocast`` (which then covers the fusion only): reduced precision costs the
+        EfficientNet-Lite trunk more mask agreement than the fusion (BENCHMARKS.md).
+        """
+        if autocast:
+            return self.feats(x)
+        with torch.autocast(x.device.type, enabled=False):  # a no-op outside autocast
+            return self.feats(x.float())
+
+    def encode(self, image: torch.Tensor, mask: torch.Tensor,
+               autocast_trunk: bool = True) -> torch.Tensor:
         """Encode a normalised image and a mask.
 
         Args:
             image: (B, 3, h, w) float, ImageNet-normalised RGB.
             mask: (B, 1, h, w) float in [-1, 1].
+            autocast_trunk: see :meth:`trunk` (only matters under ``torch.autocast``).
 
         Returns:
             feat: (B, C, fh, fw).
         """
-        return self.aspp_(*self.feats(trunk_input(image, mask)))
+        return self.aspp_(*self.trunk(trunk_input(image, mask), autocast_trunk))
 
-    def fusion_rows(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def fusion_rows(self, image: torch.Tensor, mask: torch.Tensor,
+                    autocast_trunk: bool = True) -> torch.Tensor:
         """:meth:`encode` up to the fusion's last convolution, as zero-padded channels-last rows.
 
         With :meth:`project_cells` this computes the decoder's projected features
@@ -341,13 +356,13 @@ class CRMNet(nn.Module):
         output is only needed near the pixels decoded.
 
         Args:
-            image: (B, 3, h, w); mask: (B, 1, h, w) (as in :meth:`encode`).
+            image: (B, 3, h, w); mask: (B, 1, h, w); autocast_trunk: as in :meth:`encode`.
 
         Returns:
             (B, fh + 2, fw + 2, C): the branches' concatenation, one zero cell on every side
             (the convolution's padding), C = ``feat_dim``.
         """
-        pre = self.aspp_.branches(*self.feats(trunk_input(image, mask)))
+        pre = self.aspp_.branches(*self.trunk(trunk_input(image, mask), autocast_trunk))
         return F.pad(pre.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
 
     def project_cells(

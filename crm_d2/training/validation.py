@@ -129,7 +129,8 @@ def validate(
     if not samples:
         raise ValueError("validate() needs at least one sample")
     start = time.perf_counter()
-    refiner = CRMRefiner(copy.deepcopy(model).float(), device, scales=scales)
+    # float32 everywhere: validation numbers do not depend on the machine's bf16 support
+    refiner = CRMRefiner(copy.deepcopy(model).float(), device, scales=scales, autocast=None)
     rows = []
     for s in samples:
         prob = refiner.refine(s.image, s.coarse)
