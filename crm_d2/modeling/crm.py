@@ -515,12 +515,14 @@ class CRMNet(nn.Module):
         for vy, vx in _SHIFTS:
             iy = _nearest_index(ys, vy * (1.0 / fh) + _EPS_SHIFT, fh)
             ix = _nearest_index(xs, vx * (1.0 / fw) + _EPS_SHIFT, fw)
-            q = proj.index_select(1, iy - origin[0]).index_select(2, ix - origin[1])
             rel_y = (ys - fys[iy]) * fh  # (h',)
             rel_x = (xs - fxs[ix]) * fw  # (w',)
             row_term = torch.outer(rel_y, w_ry) + torch.outer(ys, w_cy) + const  # (h', D)
             col_term = torch.outer(rel_x, w_rx) + torch.outer(xs, w_cx)  # (w', D)
-            out = q + row_term[:, None, :].to(dt)
+            # (feature + row term) on the (h', pw) rows before the column gather: one
+            # full-size pass fewer, the same sums in the same order
+            q = proj.index_select(1, iy - origin[0]) + row_term[:, None, :].to(dt)
+            out = q.index_select(2, ix - origin[1])
             col = col_term[None, :, :].to(dt)
             # inference: no full-size temporaries beyond ``out`` itself
             out = out + col if torch.is_grad_enabled() else out.add_(col)
