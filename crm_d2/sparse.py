@@ -67,6 +67,7 @@ DEFAULT_AUTOCAST = "auto"
 #: BENCHMARKS.md bf16 made 2560x1706 and 6000x4000 inputs 1.2-1.4x faster, while COCO ROIs
 #: (about 0.01-0.2 Mpx) were no faster (oneDNN's per-shape bf16 set-up and reorders).
 AUTOCAST_MIN_PIXELS = 2**19
+_READ_SHARE = 0.7  # dense decoding skips unread pixels when the next scale reads at most this
 _DENSE_CELLS = 0.6  # share of a map's cells from which one dense fusion convolution is cheaper
 DENSE_MEMORY_MB = 1024.0  # encoder budget of dense decoding (FastOptions.dense)
 _EXACT_HALO_MARGIN = 8  # input pixels added to the receptive radius for halo=None
@@ -596,12 +597,48 @@ def _strided_decode(dec: _ScaleDecoder, cand: Tensor, n: int, out: Tensor) -> Te
     return torch.where(lattice | full, out, interp)
 
 
-def _dense_decode(dec: _ScaleDecoder) -> Tensor:
+def resize_reads(n_in: int, n_out: int, device=None) -> Tensor:
+    """The input samples a bilinear ``align_corners=True`` resize of ``n_in`` -> ``n_out``
+    samples reads (both neighbours of every output sample), increasing."""
+    if n_in == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    # the kernel's arithmetic: a float32 scale (0 for one output sample) times the output index
+    scale = torch.tensor(n_in - 1 if n_out > 1 else 0, dtype=torch.float32) / max(1, n_out - 1)
+    lo = (torch.arange(n_out, dtype=torch.float32) * scale).long().clamp(max=n_in - 1)
+    return torch.unique(torch.cat((lo, (lo + 1).clamp(max=n_in - 1)))).to(device)
+
+
+def _dense_decode(dec: _ScaleDecoder, reads: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Every pixel with the grid decoder, from whole-image features (row spans per call) or, when
     they do not fit the budget, from one encoder window per block of pixels; ``dec.chunk`` queries
-    per decoder call."""
+    per decoder call.
+
+    ``reads`` = (rows, cols): decode only their cross product (the pixels the next scale's
+    resize reads, :func:`resize_reads`); the other logits are 0 and are never read.
+    """
     hp, wp = dec.grid_size
     bsz = dec.image.shape[0]
+    if reads is not None:
+        logits = torch.zeros(bsz, hp, wp, device=dec.image.device)
+        for rows, cols in [((0, hp), (0, wp))] if dec.whole_fits else dec.blocks():
+            sel_r, sel_c = (r[(r >= a) & (r < b)] for r, (a, b) in zip(reads, (rows, cols)))
+            if sel_r.numel() == 0 or sel_c.numel() == 0:
+                continue
+            span_r = dec.geom.cell_span_rows(*rows)
+            span_c = dec.geom.cell_span_cols(*cols)
+            if dec.whole_fits:
+                proj, origin = dec._encode((0, dec.fsize[0]), (0, dec.fsize[1]), True), (0, 0)
+            else:
+                proj = dec._encode(span_r, span_c, False, fixed_shape=True)
+                origin = (span_r[0], span_c[0])
+            step = max(1, dec.chunk // sel_c.numel())
+            for a in range(0, sel_r.numel(), step):
+                r = sel_r[a : a + step]
+                logits[:, r[:, None], sel_c] = dec.net.decode_grid_window(
+                    proj, (hp, wp), dec.fsize, r, sel_c, origin)
+            dec.queries += sel_r.numel() * sel_c.numel()
+            del proj
+        return logits
     logits = torch.empty(bsz, hp, wp, device=dec.image.device)
     for rows, cols in [((0, hp), (0, wp))] if dec.whole_fits else dec.blocks():
         if dec.whole_fits:  # one block: the whole image
@@ -723,7 +760,14 @@ def refine_fast(
             progress(stage, 0, 1)  # the scale starts: encoding
         dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk)
         if width is None and opts.stride == 1 and (dec.whole_fits or opts.halo is None):
-            logits = _dense_decode(dec)
+            reads = None
+            if si < len(scales) - 1:  # only what the next scale's resize reads
+                nxt = scales[si + 1]
+                rows = resize_reads(hp, max(1, round(hp * nxt)), seg.device)
+                cols = resize_reads(wp, max(1, round(wp * nxt)), seg.device)
+                if rows.numel() * cols.numel() <= _READ_SHARE * hp * wp:
+                    reads = (rows, cols)
+            logits = _dense_decode(dec, reads)
         else:
             logits = torch.zeros(bsz, hp, wp, device=seg.device)
             if width is not None and opts.scan is not None and s <= opts.scan:

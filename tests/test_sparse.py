@@ -562,3 +562,39 @@ def test_decoding_follows_the_schedule_asked_for_not_the_roi_rule(sample, decodi
     four = CRMRefiner(random_crm(TINY_ARCH, 1, random_bn=True), min_side=100)
     four.refine(img, mask)
     assert seen[0][0] == (1.0,) and seen[0][1] == FastOptions.default_for((0.5, 1.0))
+
+
+def test_dense_decodes_only_what_the_next_scale_reads(refiner, monkeypatch):
+    """At a coarse scale dense decoding skips the pixels the next scale's resize never reads:
+    the same answer, fewer queries."""
+    img, mask = _sample(97, 131)
+    scales = (0.125, 0.25, 0.5, 1.0)
+    opts = FastOptions.dense(float("inf"))
+    stats: dict = {}
+    got = refiner.refine_tensors(*prepare_inputs(img, mask), scales=scales, fast=opts,
+                                 stats=stats)
+    monkeypatch.setattr(sparse_mod, "_READ_SHARE", 0.0)  # decode every pixel at every scale
+    full: dict = {}
+    ref = refiner.refine_tensors(*prepare_inputs(img, mask), scales=scales, fast=opts,
+                                 stats=full)
+    assert (got - ref).abs().max() < 1e-6
+    hp, wp = 97 + 64, 131 + 64
+    assert full["queries"] == [hp * wp] * 4
+    assert stats["queries"][0] < 0.3 * hp * wp and stats["queries"][1:] == [hp * wp] * 3
+    # windows (over a tiny budget) skip the same pixels
+    win = refiner.refine_tensors(*prepare_inputs(img, mask), scales=scales,
+                                 fast=FastOptions.dense(memory_mb=1.0))
+    assert (win - ref).abs().max() < 1e-5
+
+
+def test_resize_reads_covers_every_sample_the_resize_reads():
+    from torch.nn import functional as F
+
+    for n_in in (1, 2, 5, 37, 161, 853):
+        for n_out in {1, 2, max(1, n_in // 8), max(1, n_in // 4), max(1, n_in // 2), n_in}:
+            reads = sparse_mod.resize_reads(n_in, n_out)
+            x = torch.full((1, 1, n_in, 1), float("nan"))
+            x[0, 0, reads, 0] = 1.0
+            y = F.interpolate(x, size=(n_out, 1), mode="bilinear", align_corners=True)
+            assert torch.isfinite(y).all(), (n_in, n_out)
+    assert sparse_mod.resize_reads(1770, 443).numel() == 885  # 1/8 -> 1/4: half the rows

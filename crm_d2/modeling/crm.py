@@ -481,8 +481,8 @@ class CRMNet(nn.Module):
         proj: torch.Tensor,
         grid_size: tuple[int, int],
         feat_size: tuple[int, int],
-        rows: tuple[int, int],
-        cols: tuple[int, int],
+        rows: tuple[int, int] | torch.Tensor,
+        cols: tuple[int, int] | torch.Tensor,
         origin: tuple[int, int] = (0, 0),
     ) -> torch.Tensor:
         """:meth:`decode_grid` of the block ``rows x cols`` from a window of projected features.
@@ -493,20 +493,21 @@ class CRMNet(nn.Module):
                 block reads (:meth:`GridGeometry.cell_span_rows` / ``cell_span_cols``).
             grid_size: (H, W) of the whole query grid.
             feat_size: (fh, fw) of the whole feature map.
-            rows, cols: ``(r0, r1)``, ``(c0, c1)`` grid rows and columns to decode.
+            rows, cols: ``(r0, r1)``, ``(c0, c1)`` grid rows and columns to decode, or 1-D
+                long tensors of (increasing) grid rows / columns: their cross product.
             origin: feature cell of ``proj[:, 0, 0]``.
 
         Returns:
-            (B, r1 - r0, c1 - c0) logits.
+            (B, number of rows, number of columns) logits.
         """
         h, w = grid_size
-        (r0, r1), (c0, c1) = rows, cols
         fh, fw = feat_size
         first: nn.Linear = self.imnet.layers[0]
         w_ry, w_rx, w_cy, w_cx, w_sy, w_sx = first.weight[:, -6:].unbind(dim=1)
         dev, dt = proj.device, proj.dtype
         ys, xs = make_coord_axes((h, w), device=dev)
-        ys, xs = ys[r0:r1], xs[c0:c1]
+        ys = ys[rows] if isinstance(rows, torch.Tensor) else ys[rows[0] : rows[1]]
+        xs = xs[cols] if isinstance(cols, torch.Tensor) else xs[cols[0] : cols[1]]
         fys, fxs = make_coord_axes((fh, fw), device=dev)
         # constant part of the first layer: bias + relative cell (2/H * fh, 2/W * fw)
         const = first.bias + w_sy * (2.0 / h * fh) + w_sx * (2.0 / w * fw)
