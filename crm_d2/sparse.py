@@ -614,7 +614,8 @@ def _dense_decode(dec: _ScaleDecoder, reads: tuple[Tensor, Tensor] | None = None
     per decoder call.
 
     ``reads`` = (rows, cols): decode only their cross product (the pixels the next scale's
-    resize reads, :func:`resize_reads`); the other logits are 0 and are never read.
+    resize reads, :func:`resize_reads`); the other logits are 0, which only the next scale's
+    empty-mask rule sees (:func:`refine_fast` decodes everything when that rule could fire).
     """
     hp, wp = dec.grid_size
     bsz = dec.image.shape[0]
@@ -664,6 +665,15 @@ def _decode_into(dec: _ScaleDecoder, todo: Tensor, stride: int, logits: Tensor) 
         logits.copy_(torch.where(todo, _strided_decode(dec, todo, stride, logits), logits))
     else:
         dec.decode(todo, logits)
+
+
+def _surely_nonempty(logits: Tensor, reads: tuple[Tensor, Tensor]) -> bool:
+    """Do the probabilities of the decoded pixels ``reads`` alone sum to more than 1 in every
+    mask of the batch? Then the next scale's empty-mask rule (:func:`_empty_masks`, a sum over
+    all pixels, none negative) cannot fire, whatever the pixels left undecoded hold."""
+    rows, cols = reads
+    part = torch.sigmoid(logits[:, rows][:, :, cols]).flatten(1).sum(dim=1, dtype=torch.float64)
+    return bool((part > 1.0 + 1e-3).all())
 
 
 def _empty_masks(seg: Tensor) -> Tensor:
@@ -768,6 +778,9 @@ def refine_fast(
                 if rows.numel() * cols.numel() <= _READ_SHARE * hp * wp:
                     reads = (rows, cols)
             logits = _dense_decode(dec, reads)
+            if reads is not None and not _surely_nonempty(logits, reads):
+                # the next scale's empty-mask rule sums every pixel: decode them all
+                logits = _dense_decode(dec)
         else:
             logits = torch.zeros(bsz, hp, wp, device=seg.device)
             if width is not None and opts.scan is not None and s <= opts.scan:

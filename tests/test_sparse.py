@@ -573,6 +573,12 @@ def test_dense_decodes_only_what_the_next_scale_reads(refiner, monkeypatch):
     stats: dict = {}
     got = refiner.refine_tensors(*prepare_inputs(img, mask), scales=scales, fast=opts,
                                  stats=stats)
+    # windows (a budget below one 1/8-scale input) skip the same pixels
+    windowed: dict = {}
+    win = refiner.refine_tensors(*prepare_inputs(img, mask), scales=scales,
+                                 fast=FastOptions.dense(memory_mb=0.02), stats=windowed)
+    assert windowed["encoder_pixels"][0] > 20 * 24  # windows with halos ran at 1/8
+    assert windowed["queries"] == stats["queries"]
     monkeypatch.setattr(sparse_mod, "_READ_SHARE", 0.0)  # decode every pixel at every scale
     full: dict = {}
     ref = refiner.refine_tensors(*prepare_inputs(img, mask), scales=scales, fast=opts,
@@ -581,10 +587,25 @@ def test_dense_decodes_only_what_the_next_scale_reads(refiner, monkeypatch):
     hp, wp = 97 + 64, 131 + 64
     assert full["queries"] == [hp * wp] * 4
     assert stats["queries"][0] < 0.3 * hp * wp and stats["queries"][1:] == [hp * wp] * 3
-    # windows (over a tiny budget) skip the same pixels
-    win = refiner.refine_tensors(*prepare_inputs(img, mask), scales=scales,
-                                 fast=FastOptions.dense(memory_mb=1.0))
     assert (win - ref).abs().max() < 1e-5
+    # a mask that the decoded pixels alone do not prove non-empty: everything is decoded
+    monkeypatch.setattr(sparse_mod, "_READ_SHARE", 0.7)
+    monkeypatch.setattr(sparse_mod, "_surely_nonempty", lambda logits, reads: False)
+    again: dict = {}
+    fallback = refiner.refine_tensors(*prepare_inputs(img, mask), scales=scales, fast=opts,
+                                      stats=again)
+    assert again["queries"][0] > hp * wp and (fallback - ref).abs().max() < 1e-6
+
+
+def test_surely_nonempty_bounds_the_empty_rule():
+    rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
+    logits = torch.full((2, 3, 3), -20.0)
+    logits[0, 0, 0] = logits[0, 1, 2] = 20.0  # two decoded pixels at p ~ 1: sum ~ 2
+    assert not sparse_mod._surely_nonempty(logits, (rows, cols))  # image 1 sums ~ 0
+    logits[1, 1, 0] = logits[1, 0, 2] = 20.0
+    assert sparse_mod._surely_nonempty(logits, (rows, cols))
+    logits[1, 0, 2] = -20.0  # one decoded pixel at p ~ 1 is not more than 1
+    assert not sparse_mod._surely_nonempty(logits, (rows, cols))
 
 
 def test_resize_reads_covers_every_sample_the_resize_reads():
