@@ -619,29 +619,16 @@ def _dense_decode(dec: _ScaleDecoder, reads: tuple[Tensor, Tensor] | None = None
     """
     hp, wp = dec.grid_size
     bsz = dec.image.shape[0]
-    if reads is not None:
-        logits = torch.zeros(bsz, hp, wp, device=dec.image.device)
-        for rows, cols in [((0, hp), (0, wp))] if dec.whole_fits else dec.blocks():
-            sel_r, sel_c = (r[(r >= a) & (r < b)] for r, (a, b) in zip(reads, (rows, cols)))
-            if sel_r.numel() == 0 or sel_c.numel() == 0:
-                continue
-            span_r = dec.geom.cell_span_rows(*rows)
-            span_c = dec.geom.cell_span_cols(*cols)
-            if dec.whole_fits:
-                proj, origin = dec._encode((0, dec.fsize[0]), (0, dec.fsize[1]), True), (0, 0)
-            else:
-                proj = dec._encode(span_r, span_c, False, fixed_shape=True)
-                origin = (span_r[0], span_c[0])
-            step = max(1, dec.chunk // sel_c.numel())
-            for a in range(0, sel_r.numel(), step):
-                r = sel_r[a : a + step]
-                logits[:, r[:, None], sel_c] = dec.net.decode_grid_window(
-                    proj, (hp, wp), dec.fsize, r, sel_c, origin)
-            dec.queries += sel_r.numel() * sel_c.numel()
-            del proj
-        return logits
-    logits = torch.empty(bsz, hp, wp, device=dec.image.device)
+    dev = dec.image.device
+    if reads is None:  # every pixel: each is written once below
+        reads = (torch.arange(hp, device=dev), torch.arange(wp, device=dev))
+        logits = torch.empty(bsz, hp, wp, device=dev)
+    else:
+        logits = torch.zeros(bsz, hp, wp, device=dev)
     for rows, cols in [((0, hp), (0, wp))] if dec.whole_fits else dec.blocks():
+        sel_r, sel_c = (r[(r >= a) & (r < b)] for r, (a, b) in zip(reads, (rows, cols)))
+        if sel_r.numel() == 0 or sel_c.numel() == 0:
+            continue
         if dec.whole_fits:  # one block: the whole image
             proj, origin = dec._encode((0, dec.fsize[0]), (0, dec.fsize[1]), True), (0, 0)
         else:
@@ -649,13 +636,13 @@ def _dense_decode(dec: _ScaleDecoder, reads: tuple[Tensor, Tensor] | None = None
             span_c = dec.geom.cell_span_cols(*cols)
             proj = dec._encode(span_r, span_c, False, fixed_shape=True)
             origin = (span_r[0], span_c[0])
-        step = max(1, dec.chunk // (cols[1] - cols[0]))
-        for a in range(rows[0], rows[1], step):
-            b = min(a + step, rows[1])
-            logits[:, a:b, cols[0] : cols[1]] = dec.net.decode_grid_window(
-                proj, (hp, wp), dec.fsize, (a, b), cols, origin)
+        step = max(1, dec.chunk // sel_c.numel())
+        for a in range(0, sel_r.numel(), step):
+            r = sel_r[a : a + step]
+            logits[:, r[:, None], sel_c] = dec.net.decode_grid_window(
+                proj, (hp, wp), dec.fsize, r, sel_c, origin)
+        dec.queries += sel_r.numel() * sel_c.numel()
         del proj
-    dec.queries += hp * wp
     return logits
 
 
