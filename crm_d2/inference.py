@@ -168,8 +168,9 @@ class CRMRefiner(FrozenNetwork):
 
     ``autocast`` sets the precision of the default fast path (:meth:`fast_options`):
     ``"auto"`` (the default) runs the encoder's fusion in bf16 where the device computes bf16
-    natively (:func:`crm_d2.sparse.native_bf16`: CUDA, CPUs with AVX512-BF16 / AMX) and float32
-    elsewhere; ``None`` / ``"none"`` is float32 everywhere; ``"bf16"`` / ``"fp16"`` force it.
+    natively (:func:`crm_d2.sparse.native_bf16`: CUDA, CPUs with AVX512-BF16 / AMX) on encoder
+    inputs of at least :data:`crm_d2.sparse.AUTOCAST_MIN_PIXELS`, and float32 elsewhere;
+    ``None`` / ``"none"`` is float32 everywhere; ``"bf16"`` / ``"fp16"`` force it.
     ``exact=True`` and an explicit ``fast`` ignore it.
     """
 
@@ -278,9 +279,9 @@ class CRMRefiner(FrozenNetwork):
                 (:meth:`CRMNet.decode_grid`), the same function as ``exact`` to ~1e-6 in
                 float32, and a one-scale schedule decodes a band around the boundary (with
                 growth), measured equal to dense decoding on held-out images; both run the
-                encoder's fusion in bf16 where the device computes it natively (``autocast``
-                of the constructor), measured within 0.1 IoU / mBA points of float32 on
-                held-out images (BENCHMARKS.md).
+                encoder's fusion in bf16 on large inputs where the device computes it natively
+                (``autocast`` of the constructor), measured within 0.1 IoU / mBA points of
+                float32 on held-out images (BENCHMARKS.md).
             progress: optional callback ``progress(stage, done, total)``, called with
                 ``done = 0`` when a scale starts (before its encoder pass) and when its work is
                 done (``done == total``; the exact path also after each decoder chunk).

@@ -61,7 +61,7 @@ ProgressFn = Callable[[str, int, int], None]
 _DECODE_BYTES_PER_QUERY = 2048  # live bytes of decode_pixels per query (4 shifts), with margin
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Precision of the library default (:meth:`FastOptions.default_for`): the encoder's fusion in
-#: bf16 where the device computes it natively, float32 elsewhere (BENCHMARKS.md, session 8).
+#: bf16 on large inputs where the device computes it natively, float32 elsewhere (BENCHMARKS.md).
 DEFAULT_AUTOCAST = "auto"
 #: ``autocast="auto"`` runs bf16 from this many encoder-input pixels on: on the 2-core CPU of
 #: BENCHMARKS.md bf16 made 2560x1706 and 6000x4000 inputs 1.2-1.4x faster, while COCO ROIs
@@ -174,9 +174,9 @@ class FastOptions:
                     autocast: str | None = DEFAULT_AUTOCAST) -> FastOptions:
         """The default decoding of a schedule: the fastest one measured equal to dense on it.
 
-        ``autocast`` (default ``"auto"``: the fusion in bf16 where the device computes bf16
-        natively) is measured within the 0.1-point tolerance of float32 on held-out images with
-        the shipped weights at one and four scales; the trunk stays float32.
+        ``autocast`` (default ``"auto"``: the fusion in bf16 on large inputs where the device
+        computes bf16 natively) is measured within the 0.1-point tolerance of float32 on
+        held-out images with the shipped weights at one and four scales; the trunk stays float32.
 
         One scale: band decoding with growth and a 96-px window halo (``grow=4, halo=96``): with
         the shipped weights' one-scale schedule, identical or nearly so to dense decoding on

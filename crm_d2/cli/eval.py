@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--chunk-size", type=positive_int, default=None, help="decoder queries per call")
     w.add_argument("--autocast", choices=AUTOCAST_CHOICES, default=None,
-                   help="CRM precision: auto (the default: the encoder's fusion in bf16 where "
-                        "the device computes it natively), none (float32), bf16, fp16")
+                   help="CRM precision: auto (the default: the encoder's fusion in bf16 on large "
+                        "inputs where the device computes it natively), none (float32), bf16, "
+                        "fp16")
 
     i = p.add_argument_group("input (one of --coco-instances, --coco-panoptic, --big)")
     mode = i.add_mutually_exclusive_group(required=True)

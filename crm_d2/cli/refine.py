@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="queries per decoder call")
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default=None,
-                   help="CRM precision: auto (the default: the encoder's fusion in bf16 where "
-                        "the device computes it natively), none (float32), bf16, fp16")
+                   help="CRM precision: auto (the default: the encoder's fusion in bf16 on large "
+                        "inputs where the device computes it natively), none (float32), bf16, "
+                        "fp16")
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the memory estimate exceeds the available memory")
     p.add_argument("--fast", action="store_true",

@@ -197,8 +197,9 @@ def add_crm_config(cfg: CN) -> None:
     c.MASK_CHUNK = d.mask_chunk
     # Queries per CRM decoder call (memory vs. speed; cache-sized blocks are fastest on CPU).
     c.CHUNK_SIZE = DEFAULT_CHUNK
-    # Precision of CRM's fast path: "auto" = the encoder's fusion in bf16 where the device
-    # computes bf16 natively (CUDA, CPUs with AVX512-BF16 / AMX), float32 elsewhere; "none" =
+    # Precision of CRM's fast path: "auto" = the encoder's fusion in bf16 on inputs of >= 2^19
+    # pixels where the device computes bf16 natively (CUDA, CPUs with AVX512-BF16 / AMX),
+    # float32 elsewhere (COCO-sized ROIs were no faster in bf16); "none" =
     # float32 everywhere (a string, not null); "bf16" / "fp16" force it. Measured within 0.1
     # IoU / mBA points of float32 on held-out images (BENCHMARKS.md). Ignored by EXACT.
     c.AUTOCAST = DEFAULT_AUTOCAST
