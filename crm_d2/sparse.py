@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .modeling.crm import CRMNet, GridGeometry
+from .modeling.crm import CRMNet, GridGeometry, trunk_input
 from .morphology import dilate
 from .tiling import encode_window, encoder_bytes_per_pixel, feature_size, receptive_radius
 
@@ -323,8 +323,11 @@ class _ScaleDecoder:
         grid_size: tuple[int, int],
         opts: FastOptions,
         chunk: int,
+        pixels: Tensor | None = None,
     ) -> None:
         self.net, self.image, self.mask, self.opts = net, image, mask, opts
+        # (B, 4, Hp, Wp) image and mask of the grid itself, for CRMArch.pixel_skip networks
+        self.pixels = pixels
         self.grid_size = grid_size
         bsz = image.shape[0]
         h, w = image.shape[-2:]
@@ -473,7 +476,7 @@ class _ScaleDecoder:
             end = min(n, start + chunk)
             try:
                 logits = self.net.decode_pixels(proj, self.geom, pb[start:end], py[start:end],
-                                                px[start:end], origin)
+                                                px[start:end], origin, self.pixels)
             except RuntimeError as err:
                 if not (self.opts.oom_retry and _is_oom(err)) or chunk <= 1024:
                     raise
@@ -640,7 +643,7 @@ def _dense_decode(dec: _ScaleDecoder, reads: tuple[Tensor, Tensor] | None = None
         for a in range(0, sel_r.numel(), step):
             r = sel_r[a : a + step]
             logits[:, r[:, None], sel_c] = dec.net.decode_grid_window(
-                proj, (hp, wp), dec.fsize, r, sel_c, origin)
+                proj, (hp, wp), dec.fsize, r, sel_c, origin, dec.pixels)
         dec.queries += sel_r.numel() * sel_c.numel()
         del proj
     return logits
@@ -755,10 +758,14 @@ def refine_fast(
         stage = f"scale {s:g} ({si + 1}/{len(scales)})"
         if progress is not None:
             progress(stage, 0, 1)  # the scale starts: encoding
-        dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk)
+        pixels = None  # the grid's own image and mask, read by CRMArch.pixel_skip networks
+        if net.pixel_skip is not None:
+            pixels = trunk_input(image, seg, channels_last=False)
+        dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk, pixels)
         if width is None and opts.stride == 1 and (dec.whole_fits or opts.halo is None):
             reads = None
-            if si < len(scales) - 1:  # only what the next scale's resize reads
+            # only what the next scale's resize reads (a pixel_skip network reads every pixel)
+            if si < len(scales) - 1 and net.pixel_skip is None:
                 nxt = scales[si + 1]
                 rows = resize_reads(hp, max(1, round(hp * nxt)), seg.device)
                 cols = resize_reads(wp, max(1, round(wp * nxt)), seg.device)
@@ -785,7 +792,7 @@ def refine_fast(
         for key, value in (("queries", dec.queries), ("encoder_pixels", dec.encoded_pixels),
                            ("candidates", int(cand.sum()))):
             totals.setdefault(key, []).append(value)
-        del dec, img_s, seg_s
+        del dec, img_s, seg_s, pixels
         empty = _empty_masks(seg)
         # full-size maps are dropped before their successors are allocated (peak memory)
         seg = None

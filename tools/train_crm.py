@@ -56,6 +56,20 @@ def _coarse(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_lr_mult(items: Sequence[str]) -> dict[str, float]:
+    """``["pixel_skip=10", ...]`` -> ``{"pixel_skip": 10.0}``."""
+    out = {}
+    for item in items:
+        prefix, sep, factor = item.partition("=")
+        try:
+            out[prefix] = float(factor)
+        except ValueError:
+            sep = ""
+        if not sep or not prefix:
+            raise SystemExit(f"--lr-mult wants PREFIX=FACTOR (e.g. pixel_skip=10), got {item!r}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -110,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture: official = ResNet-50 CRM, lite = ResNet-18-like encoder "
         "with 128-channel features, tiny = half of lite, effnet_lite0/1 = EfficientNet-Lite "
         "encoder (use --init imagenet)",
+    )
+    g.add_argument(
+        "--pixel-skip",
+        action="store_true",
+        help="the decoder also reads the image and mask at each query pixel, through a "
+        "zero-initialised linear map (crm_d2's CRMArch.pixel_skip, not in the paper); "
+        "with --init from a plain CRM the network starts as that CRM",
+    )
+    g.add_argument(
+        "--lr-mult",
+        action="append",
+        default=[],
+        metavar="PREFIX=FACTOR",
+        help="train the parameters whose names start with PREFIX at lr x FACTOR (repeatable), "
+        "e.g. pixel_skip=10 for the zero-initialised skip on trained weights",
     )
     g.add_argument("--iters", type=positive_int, default=45_000, help="iterations (paper 45,000)")
     g.add_argument("--batch-size", type=positive_int, default=12, help="global batch (paper 12)")
@@ -188,17 +217,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from crm_d2.training.config import resolve_arch
     from crm_d2.training.datasets import CRMTrainDataset
     from crm_d2.training.trainer import TrainConfig, make_val_samples, train
 
     if len(args.loss_weights) != 4:
         raise SystemExit("--loss-weights needs 4 numbers: CE,L1,L2,GRAD")
     cfg = TrainConfig(
-        arch=args.preset,
+        arch=(dataclasses.replace(resolve_arch(args.preset), pixel_skip=True)
+              if args.pixel_skip else args.preset),
         crop_size=args.crop,
         batch_size=args.batch_size,
         iterations=args.iters,
         lr=args.lr,
+        lr_mult=parse_lr_mult(args.lr_mult),
         weight_decay=args.weight_decay,
         milestones=args.milestones,
         loss_weights={**dict(zip(("ce", "l1", "l2", "grad"), args.loss_weights)),

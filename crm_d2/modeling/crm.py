@@ -46,6 +46,11 @@ class CRMArch:
         feat_dim: channels of the fused feature map (256 official).
         mlp_hidden: hidden widths of the implicit decoder (four layers of 32 official).
         with_layer4: keep the (never run) layer4 in the module tree, as the official file has it.
+        pixel_skip: the decoder also reads the image and mask (normalised RGB and the mask
+            in [-1, 1]: 4 values) at the query pixel, at full resolution, through a
+            zero-initialised linear map added to its first layer (``CRMNet.pixel_skip``;
+            crm_d2's addition, not in the paper): the stride-2 features alone cannot give
+            back a mask's or an image's pixel detail.
     """
 
     block: str = "bottleneck"
@@ -55,6 +60,7 @@ class CRMArch:
     mlp_hidden: tuple[int, ...] = field(default=(32, 32, 32, 32))
     with_layer4: bool = True
     encoder: str = "resnet"
+    pixel_skip: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder != "resnet" and self.encoder not in EFFICIENTNET_VARIANTS:
@@ -319,6 +325,21 @@ class CRMNet(nn.Module):
             self.feats = EfficientNetLiteTrunk(arch.encoder, in_chans=4)
         self.aspp_ = FeatureFusion(self.feats.out_channels, arch.feat_dim)
         self.imnet = ImplicitMLP(arch.feat_dim + 6, arch.mlp_hidden)
+        self.pixel_skip: nn.Linear | None = None
+        if arch.pixel_skip:  # starts at zero: the network begins as plain CRM
+            self.pixel_skip = nn.Linear(4, arch.mlp_hidden[0], bias=False)
+            nn.init.zeros_(self.pixel_skip.weight)
+
+    def pixel_term(self, values: torch.Tensor) -> torch.Tensor:
+        """The :attr:`CRMArch.pixel_skip` part of the decoder's first layer.
+
+        Args:
+            values: (..., 4) normalised RGB and mask ([-1, 1]) at the query pixels.
+
+        Returns:
+            (..., D) added to the first layer's output of every corner of the ensemble.
+        """
+        return F.linear(values, self.pixel_skip.weight.to(values.dtype))
 
     def trunk(self, x: torch.Tensor, autocast: bool = True) -> tuple[torch.Tensor, ...]:
         """The trunk's three taps of a :func:`trunk_input` ``x``.
@@ -405,7 +426,8 @@ class CRMNet(nn.Module):
             return rows.new_zeros(0, w_feat.shape[0])
         return torch.cat(out)
 
-    def decode(self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    def decode(self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor,
+               inputs: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at query coordinates, with the 4-corner area-weighted local ensemble.
 
         This follows the authors' arithmetic step by step (it is the ``exact`` path).
@@ -414,12 +436,22 @@ class CRMNet(nn.Module):
             feat: (B, C, fh, fw) from :meth:`encode`.
             coord: (B, Q, 2) query coordinates, (y, x) in [-1, 1].
             cell: (B, Q, 2) query cell sizes.
+            inputs: (B, 4, H, W) :func:`trunk_input` of the image and mask at the resolution
+                whose pixel centres are queried (the full-resolution padded grid in inference,
+                not the scale's resized encoder input); required by :attr:`CRMArch.pixel_skip`
+                networks, which read it at ``coord`` (bilinearly), unused otherwise.
 
         Returns:
             (B, Q) logits.
         """
         fh, fw = feat.shape[-2:]
         bsz, nq = coord.shape[:2]
+        extra = None
+        if self.pixel_skip is not None:
+            # bilinear at the query coordinates: the pixel's own value at pixel centres
+            values = F.grid_sample(self._skip_inputs(inputs), coord.flip(-1).unsqueeze(1),
+                                   mode="bilinear", padding_mode="border", align_corners=False)
+            extra = self.pixel_term(values[:, :, 0].permute(0, 2, 1)).reshape(bsz * nq, -1)
         feat_coord = make_coord((fh, fw), device=feat.device).permute(2, 0, 1).unsqueeze(0)
         feat_coord = feat_coord.expand(bsz, 2, fh, fw)
         rel_cell = cell.clone()
@@ -438,8 +470,12 @@ class CRMNet(nn.Module):
             rel_coord = coord - q_coord[:, :, 0, :].permute(0, 2, 1)
             rel_coord[:, :, 0] *= fh
             rel_coord[:, :, 1] *= fw
-            inp = torch.cat([q_feat, rel_coord, coord, rel_cell], dim=-1)
-            preds.append(self.imnet(inp.view(bsz * nq, -1)).view(bsz, nq))
+            inp = torch.cat([q_feat, rel_coord, coord, rel_cell], dim=-1).view(bsz * nq, -1)
+            if extra is None:
+                preds.append(self.imnet(inp).view(bsz, nq))
+            else:
+                first = self.imnet.layers[0](inp) + extra
+                preds.append(self.imnet.after_first(first).view(bsz, nq))
             areas.append(torch.abs(rel_coord[:, :, 0] * rel_coord[:, :, 1]) + 1e-9)
         total = torch.stack(areas).sum(dim=0)
         # Each prediction is weighted by the area of the diagonally opposite corner.
@@ -454,6 +490,7 @@ class CRMNet(nn.Module):
         feat: torch.Tensor,
         grid_size: tuple[int, int],
         rows: tuple[int, int] | None = None,
+        inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` at every pixel centre of an ``H x W`` grid (rows ``r0:r1``).
 
@@ -467,6 +504,7 @@ class CRMNet(nn.Module):
             feat: (B, C, fh, fw).
             grid_size: (H, W) of the query grid.
             rows: optional ``(r0, r1)`` range of grid rows to decode (default all).
+            inputs: as in :meth:`decode`, (B, 4, H, W).
 
         Returns:
             (B, r1 - r0, W) logits.
@@ -474,7 +512,7 @@ class CRMNet(nn.Module):
         h, w = grid_size
         rows = (0, h) if rows is None else rows
         return self.decode_grid_window(self.project_features(feat), grid_size,
-                                       tuple(feat.shape[-2:]), rows, (0, w))
+                                       tuple(feat.shape[-2:]), rows, (0, w), inputs=inputs)
 
     def decode_grid_window(
         self,
@@ -484,6 +522,7 @@ class CRMNet(nn.Module):
         rows: tuple[int, int] | torch.Tensor,
         cols: tuple[int, int] | torch.Tensor,
         origin: tuple[int, int] = (0, 0),
+        inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`decode_grid` of the block ``rows x cols`` from a window of projected features.
 
@@ -496,6 +535,7 @@ class CRMNet(nn.Module):
             rows, cols: ``(r0, r1)``, ``(c0, c1)`` grid rows and columns to decode, or 1-D
                 long tensors of (increasing) grid rows / columns: their cross product.
             origin: feature cell of ``proj[:, 0, 0]``.
+            inputs: as in :meth:`decode`: the whole grid's (B, 4, H, W) image and mask.
 
         Returns:
             (B, number of rows, number of columns) logits.
@@ -506,8 +546,16 @@ class CRMNet(nn.Module):
         w_ry, w_rx, w_cy, w_cx, w_sy, w_sx = first.weight[:, -6:].unbind(dim=1)
         dev, dt = proj.device, proj.dtype
         ys, xs = make_coord_axes((h, w), device=dev)
-        ys = ys[rows] if isinstance(rows, torch.Tensor) else ys[rows[0] : rows[1]]
-        xs = xs[cols] if isinstance(cols, torch.Tensor) else xs[cols[0] : cols[1]]
+        if not isinstance(rows, torch.Tensor):
+            rows = torch.arange(rows[0], rows[1], device=dev)
+        if not isinstance(cols, torch.Tensor):
+            cols = torch.arange(cols[0], cols[1], device=dev)
+        ys, xs = ys[rows], xs[cols]
+        extra = None
+        if self.pixel_skip is not None:
+            values = self._skip_inputs(inputs, grid_size).index_select(2, rows)
+            values = values.index_select(3, cols)
+            extra = self.pixel_term(values.permute(0, 2, 3, 1)).to(dt)  # (B, h', w', D)
         fys, fxs = make_coord_axes((fh, fw), device=dev)
         # constant part of the first layer: bias + relative cell (2/H * fh, 2/W * fw)
         const = first.bias + w_sy * (2.0 / h * fh) + w_sx * (2.0 / w * fw)
@@ -527,6 +575,8 @@ class CRMNet(nn.Module):
             col = col_term[None, :, :].to(dt)
             # inference: no full-size temporaries beyond ``out`` itself
             out = out + col if torch.is_grad_enabled() else out.add_(col)
+            if extra is not None:
+                out = out + extra if torch.is_grad_enabled() else out.add_(extra)
             preds.append(self.imnet.after_first(out)[..., 0])
             areas.append(torch.abs(torch.outer(rel_y, rel_x)) + 1e-9)
         total = areas[0] + areas[1] + areas[2] + areas[3]
@@ -560,6 +610,7 @@ class CRMNet(nn.Module):
         py: torch.Tensor,
         px: torch.Tensor,
         origin: tuple[int, int] = (0, 0),
+        inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` at chosen pixels of a grid (the sparse form of :meth:`decode_grid`).
 
@@ -572,6 +623,7 @@ class CRMNet(nn.Module):
             geom: tables of the grid and of the WHOLE feature map (not of the window).
             pb, py, px: (Q,) long batch index, row and column of each pixel in the grid.
             origin: (row, col) of the window in the feature map.
+            inputs: as in :meth:`decode`: the whole grid's (B, 4, H, W) image and mask.
 
         Returns:
             (Q,) float32 logits.
@@ -607,6 +659,13 @@ class CRMNet(nn.Module):
         out = (torch.addmm(feat, coords, w_coord) if torch.is_grad_enabled()
                else feat.addmm_(coords, w_coord))
         del feat
+        if self.pixel_skip is not None:
+            values = self._skip_inputs(inputs, geom.grid_size)[pb, :, py, px]
+            extra = self.pixel_term(values.to(out.dtype))  # (Q, D), the same for every shift
+            if torch.is_grad_enabled():
+                out = out + extra.repeat(4, 1)
+            else:
+                out.view(4, q, -1).add_(extra)
         preds = self.imnet.after_first(out)[:, 0].float().view(4, q)
         areas = (torch.abs(ry * rx) + 1e-9).view(4, q)
         # each shift is weighted by the area of the diagonally opposite one (LIIF)
@@ -615,5 +674,20 @@ class CRMNet(nn.Module):
     def forward(
         self, image: torch.Tensor, mask: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor
     ) -> torch.Tensor:
-        """Training forward: (B,3,h,w), (B,1,h,w), (B,Q,2), (B,Q,2) -> (B, Q) logits."""
-        return self.decode(self.encode(image, mask), coord, cell)
+        """Training forward: (B,3,h,w), (B,1,h,w), (B,Q,2), (B,Q,2) -> (B, Q) logits.
+
+        The queries are read against the encoded grid (``inputs`` of :meth:`decode`).
+        """
+        inputs = trunk_input(image, mask, channels_last=False)
+        return self.decode(self.encode(image, mask), coord, cell, inputs)
+
+    def _skip_inputs(self, inputs: torch.Tensor | None,
+                     grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if inputs is None or inputs.dim() != 4 or inputs.shape[1] != 4 or (
+                grid_size is not None and tuple(inputs.shape[-2:]) != tuple(grid_size)):
+            got = None if inputs is None else tuple(inputs.shape)
+            raise ValueError(
+                "this CRM reads the image and mask at every query pixel (arch.pixel_skip): "
+                "pass inputs=trunk_input(image, mask) at the query grid's resolution, "
+                f"(B, 4, H, W) with (H, W) = {grid_size}, to the decoder; got {got}")
+        return inputs.float()

@@ -68,6 +68,9 @@ class TrainConfig:
         batch_size: global batch (paper 12); each of the N ranks gets ``batch_size // N``.
         iterations: optimizer steps in total (paper 45,000).
         lr: Adam learning rate (paper 2.25e-4).
+        lr_mult: ``{parameter-name prefix: factor}``: those parameters train at ``lr * factor``
+            (e.g. ``{"pixel_skip": 10}`` for a zero-initialised :attr:`CRMArch.pixel_skip`
+            added to trained weights); empty = the paper's single lr.
         weight_decay: Adam (L2) weight decay (paper 1e-4).
         milestones: iterations where the lr is multiplied by ``gamma``; None scales the paper's
             (22,500, 37,500 of 45,000) to ``iterations``.
@@ -103,6 +106,7 @@ class TrainConfig:
     batch_size: int = 12
     iterations: int = PAPER_ITERATIONS
     lr: float = 2.25e-4
+    lr_mult: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 1e-4
     milestones: tuple[int, ...] | None = None
     gamma: float = 0.1
@@ -135,6 +139,9 @@ class TrainConfig:
                 f"need lr > 0, weight_decay >= 0 and 0 < gamma <= 1, got lr={self.lr}, "
                 f"weight_decay={self.weight_decay}, gamma={self.gamma}"
             )
+        self.lr_mult = {str(k): float(v) for k, v in self.lr_mult.items()}
+        if any(not v > 0 for v in self.lr_mult.values()):
+            raise ValueError(f"lr_mult factors must be > 0, got {self.lr_mult}")
         unknown = set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS)
         if unknown:
             raise ValueError(

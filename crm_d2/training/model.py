@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_crm
-from ..modeling.crm import CRMNet
+from ..modeling.crm import CRMNet, trunk_input
 from .config import TrainConfig
 from .state import seed_all
 
@@ -23,6 +23,7 @@ __all__ = [
     "build_training_objects",
     "load_imagenet_init",
     "load_init_weights",
+    "param_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,12 @@ class GridForward(nn.Module):
         """(B, 3, S, S) image, (B, 1, S, S) coarse in [-1, 1] -> (B, 1, S, S) float32 logits."""
         bsz, _, h, w = image.shape
         feat = self.net.encode(image, coarse)
+        inputs = None  # the crop's image and mask, read by CRMArch.pixel_skip networks
+        if self.net.pixel_skip is not None:
+            inputs = trunk_input(image, coarse, channels_last=False)
         # The decoder compares coordinates to cell centres: keep it in float32 under autocast.
         with torch.autocast(device_type=image.device.type, enabled=False):
-            logits = self.net.decode_grid(feat.float(), (h, w))
+            logits = self.net.decode_grid(feat.float(), (h, w), inputs=inputs)
         return logits.view(bsz, 1, h, w)
 
 
@@ -78,7 +82,7 @@ def load_init_weights(model: CRMNet, path: str) -> dict[str, Any]:
     log("init from %s: loaded %d/%d tensors", path, len(loaded), len(dst))
     for what, keys in (
         ("other shapes (kept random)", mismatch),
-        ("missing in the file (kept random)", missing),
+        ("missing in the file (kept at their initialisation)", missing),
         ("in the file but unused", unused),
     ):
         if keys:
@@ -124,6 +128,30 @@ def load_imagenet_init(model: CRMNet, path: str | None = None) -> dict[str, Any]
         len(skipped),
     )
     return {"path": str(path), "imagenet": encoder, "loaded": n, "skipped": len(skipped)}
+
+
+def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float]) -> list[dict[str, Any]]:
+    """Optimizer groups: every parameter at ``lr``, those named ``prefix...`` at ``lr * factor``.
+
+    Raises:
+        ValueError: when a prefix names no parameter (a typo would silently train at ``lr``).
+    """
+    groups: dict[float, list[nn.Parameter]] = {}
+    used = set()
+    for name, param in model.named_parameters():
+        factor = 1.0
+        for prefix, f in lr_mult.items():
+            if name.startswith(prefix):
+                factor = f
+                used.add(prefix)
+        groups.setdefault(factor, []).append(param)
+    unused = sorted(set(lr_mult) - used)
+    if unused:
+        raise ValueError(f"lr_mult prefixes {unused} name no parameter of the network")
+    for factor in sorted(groups):
+        if factor != 1.0:
+            logger.info("lr x%g for %d parameter tensors", factor, len(groups[factor]))
+    return [{"params": ps, "lr": lr * f} for f, ps in sorted(groups.items())]
 
 
 @dataclass
@@ -172,7 +200,8 @@ def build_training_objects(
             "training the ResNet-50 CRM from scratch: the paper starts from ImageNet weights"
         )
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(model, cfg.lr, cfg.lr_mult), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(cfg.lr_milestones), gamma=cfg.gamma
     )
