@@ -20,12 +20,14 @@ def refiner() -> CRMRefiner:
 def test_format_and_metadata(refiner):
     obj = torch.load(default_weights_path(), weights_only=True)
     assert obj["format"] == "crm_d2" and obj["arch"]["with_layer4"] is False
-    assert obj["arch"]["encoder"] == "efficientnet_lite0"
+    assert obj["arch"]["encoder"] == "efficientnet_lite0" and obj["arch"]["pixel_skip"] is True
     floats = [v for v in obj["state_dict"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert refiner.scales == (1.0,)
     train = refiner.metadata["training"]
-    assert train["iteration"] == 600 and "Stage C" in train["history"]
+    assert train["iteration"] == 600 and "Stage F (these weights)" in train["history"]
+    assert train["config"]["lr_mult"] == {"pixel_skip": 10.0}
+    assert torch.count_nonzero(refiner.model.pixel_skip.weight) == 4 * 32
     assert train["config"]["loss_weights"]["boundary"] == 4.0
     assert "maskrcnn*4" in train["history"]
     assert refiner.model.feats._conv_stem.weight.dtype == torch.float32
