@@ -181,7 +181,7 @@ class FastOptions:
         One scale: band decoding with growth and a 96-px window halo (``grow=4, halo=96``): with
         the shipped weights' one-scale schedule, identical or nearly so to dense decoding on
         held-out real images (``crm_d2_lite.pth``: identical on 32 images, +0.05 IoU points on
-        COCO objects; ``crm_d2_effl0.pth``: IoU 0.9997 (min 0.9967) vs dense on 30 images, +0.03
+        COCO objects; ``crm_d2_effl0.pth``: IoU 0.9997 (min 0.9952) vs dense on 30 images, +0.03
         IoU points against the ground truth; BENCHMARKS.md,
         ``tools/band_vs_dense.py``). Several scales: dense decoding, because
         the coarse scales rewrite soft regions far from any boundary, which a band copies

@@ -82,6 +82,11 @@ def test_the_three_decoders_agree_with_the_skip():
     assert (rows - ref[:, 3:17]).abs().max() < tol
     assert (pix - ref[pb, py, px]).abs().max() < tol
     assert (unskipped - ref).abs().max() > 1e-2
+    empty = torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        none = net.decode_pixels(net.project_features(feat), geom, empty, empty, empty,
+                                 inputs=pixels)
+    assert none.shape == (0,)
 
 
 def test_decoders_name_the_missing_pixels():
@@ -125,6 +130,21 @@ def test_checkpoint_keeps_the_skip(tmp_path):
     assert np.abs(refiner.refine(img, mask) - direct).max() < 1e-6
 
 
+def test_plain_files_keep_their_old_architecture_record():
+    """A network without the skip writes no ``pixel_skip`` field (older crm_d2 reads it)."""
+    assert "pixel_skip" not in TINY_ARCH.to_dict()
+    assert SKIP_ARCH.to_dict()["pixel_skip"] is True
+    assert type(SKIP_ARCH).from_dict(TINY_ARCH.to_dict()) == TINY_ARCH
+
+
+def test_init_into_a_network_without_the_skip_warns(tmp_path, caplog):
+    path = tmp_path / "skip.pth"
+    save_crm(_skip_net(), str(path))
+    with caplog.at_level("WARNING", logger="crm_d2.training.model"):
+        report = load_init_weights(CRMNet(TINY_ARCH), str(path))
+    assert report["unused"] == 1 and "pixel_skip.weight" in caplog.text
+
+
 def test_init_from_a_plain_network_and_lr_multipliers(tmp_path):
     plain = random_crm(PRESETS["tiny"], 0)
     path = tmp_path / "plain.pth"
@@ -136,6 +156,7 @@ def test_init_from_a_plain_network_and_lr_multipliers(tmp_path):
 
     groups = param_groups(net, 1e-4, {"pixel_skip": 10})
     by_lr = {g["lr"]: g["params"] for g in groups}
+    assert groups[0]["lr"] == 1e-4  # the x1 group first: the trainer logs group 0's lr
     assert [p.shape for p in by_lr[1e-3]] == [net.pixel_skip.weight.shape]
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
     with pytest.raises(ValueError, match="name no parameter"):

@@ -326,6 +326,17 @@ def test_resume_rejects_plain_weights(tmp_path, disc_pairs):
         train(_config(tmp_path / "r", resume=str(weights)), [_dataset(disc_pairs)])
 
 
+def test_resume_rejects_other_lr_multipliers(tmp_path, disc_pairs):
+    """Adam's groups come back from the state, so a changed --lr-mult would be ignored."""
+    arch = dataclasses.replace(PRESETS["tiny"], pixel_skip=True)
+    out = tmp_path / "run"
+    train(_config(out, arch=arch, iterations=1, lr_mult={"pixel_skip": 10}),
+          [_dataset(disc_pairs)])
+    with pytest.raises(ValueError, match="lr_mult"):
+        train(_config(out, arch=arch, iterations=2, lr_mult={"pixel_skip": 5}, resume="auto"),
+              [_dataset(disc_pairs)])
+
+
 def test_crop_size_mismatch_and_too_few_samples(tmp_path, disc_pairs):
     with pytest.raises(ValueError, match="crop"):
         train(_config(tmp_path / "a", crop_size=48), [_dataset(disc_pairs)])

@@ -143,10 +143,11 @@ def _mac_counts(refiner) -> dict:
     lin = [m for m in net.imnet.layers if isinstance(m, torch.nn.Linear)]
     tail = sum(m.in_features * m.out_features for m in lin[1:])
     d = lin[0].out_features
+    skip = 4 * d if net.pixel_skip is not None else 0  # once per query, shared by the corners
     return {
         "enc_per_px": macs[0] / 256**2,
-        "dec_exact": 4 * (lin[0].in_features * d + tail),
-        "dec_fast": 4 * (6 * d + tail),
+        "dec_exact": 4 * (lin[0].in_features * d + tail) + skip,
+        "dec_fast": 4 * (6 * d + tail) + skip,
         "proj_per_cell": net.arch.feat_dim * d,
     }
 

@@ -65,7 +65,7 @@ def parse_lr_mult(items: Sequence[str]) -> dict[str, float]:
             out[prefix] = float(factor)
         except ValueError:
             sep = ""
-        if not sep or not prefix:
+        if not sep or not prefix or not 0 < out.get(prefix, 0) < float("inf"):
             raise SystemExit(f"--lr-mult wants PREFIX=FACTOR (e.g. pixel_skip=10), got {item!r}")
     return out
 

@@ -71,6 +71,8 @@ class CRMArch:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.pixel_skip:  # files of plain networks stay readable by older crm_d2
+            del d["pixel_skip"]
         d["layers"] = list(self.layers)
         d["mlp_hidden"] = list(self.mlp_hidden)
         return d
@@ -327,7 +329,7 @@ class CRMNet(nn.Module):
         self.imnet = ImplicitMLP(arch.feat_dim + 6, arch.mlp_hidden)
         self.pixel_skip: nn.Linear | None = None
         if arch.pixel_skip:  # starts at zero: the network begins as plain CRM
-            self.pixel_skip = nn.Linear(4, arch.mlp_hidden[0], bias=False)
+            self.pixel_skip = nn.Linear(4, self.imnet.layers[0].out_features, bias=False)
             nn.init.zeros_(self.pixel_skip.weight)
 
     def pixel_term(self, values: torch.Tensor) -> torch.Tensor:
@@ -573,7 +575,7 @@ class CRMNet(nn.Module):
             q = proj.index_select(1, iy - origin[0]) + row_term[:, None, :].to(dt)
             out = q.index_select(2, ix - origin[1])
             col = col_term[None, :, :].to(dt)
-            # inference: no full-size temporaries beyond ``out`` itself
+            # inference: no full-size temporaries beyond ``out`` (and the pixel skip's term)
             out = out + col if torch.is_grad_enabled() else out.add_(col)
             if extra is not None:
                 out = out + extra if torch.is_grad_enabled() else out.add_(extra)
@@ -665,7 +667,7 @@ class CRMNet(nn.Module):
             if torch.is_grad_enabled():
                 out = out + extra.repeat(4, 1)
             else:
-                out.view(4, q, -1).add_(extra)
+                out.view(4, q, out.shape[-1]).add_(extra)
         preds = self.imnet.after_first(out)[:, 0].float().view(4, q)
         areas = (torch.abs(ry * rx) + 1e-9).view(4, q)
         # each shift is weighted by the area of the diagonally opposite one (LIIF)
@@ -678,7 +680,7 @@ class CRMNet(nn.Module):
 
         The queries are read against the encoded grid (``inputs`` of :meth:`decode`).
         """
-        inputs = trunk_input(image, mask, channels_last=False)
+        inputs = None if self.pixel_skip is None else trunk_input(image, mask, channels_last=False)
         return self.decode(self.encode(image, mask), coord, cell, inputs)
 
     def _skip_inputs(self, inputs: torch.Tensor | None,

@@ -78,7 +78,9 @@ def load_init_weights(model: CRMNet, path: str) -> dict[str, Any]:
             f"architecture {model.arch} by name and shape"
         )
     model.load_state_dict({**dst, **{k: src[k] for k in loaded}})
-    log = logger.info if len(loaded) == len(dst) else logger.warning
+    # a file tensor left unused (e.g. pixel_skip.weight into a network without the skip) is a
+    # different network from the file's: say so as loudly as a missing one
+    log = logger.info if len(loaded) == len(dst) and not unused else logger.warning
     log("init from %s: loaded %d/%d tensors", path, len(loaded), len(dst))
     for what, keys in (
         ("other shapes (kept random)", mismatch),
@@ -131,7 +133,8 @@ def load_imagenet_init(model: CRMNet, path: str | None = None) -> dict[str, Any]
 
 
 def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float]) -> list[dict[str, Any]]:
-    """Optimizer groups: every parameter at ``lr``, those named ``prefix...`` at ``lr * factor``.
+    """Optimizer groups: every parameter at ``lr``, those named ``prefix...`` at ``lr * factor``
+    (when prefixes overlap, the last matching one in ``lr_mult`` wins).
 
     Raises:
         ValueError: when a prefix names no parameter (a typo would silently train at ``lr``).
@@ -151,7 +154,9 @@ def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float]) -> list
     for factor in sorted(groups):
         if factor != 1.0:
             logger.info("lr x%g for %d parameter tensors", factor, len(groups[factor]))
-    return [{"params": ps, "lr": lr * f} for f, ps in sorted(groups.items())]
+    # the x1 group first: the trainer logs group 0's lr as the run's lr
+    order = sorted(groups, key=lambda f: (f != 1.0, f))
+    return [{"params": groups[f], "lr": lr * f} for f in order]
 
 
 @dataclass

@@ -227,6 +227,13 @@ def load_training_state(
     if saved_arch != arch:
         raise ValueError(f"{path!r} holds architecture {saved_arch}, the config asks for {arch}")
     saved_cfg = state.get("config", {})
+    saved_mult = saved_cfg.get("lr_mult", {})
+    if saved_mult != cfg.lr_mult:
+        # Adam's groups (and their lrs) come back from the state: a new factor would be ignored
+        raise ValueError(
+            f"{path!r} was trained with lr_mult {saved_mult}, the config asks for "
+            f"{cfg.lr_mult}: resume with the same --lr-mult, or start a new run with --init"
+        )
     for key in ("crop_size", "batch_size", "lr", "weight_decay", "seed", "loss_weights"):
         old, new = saved_cfg.get(key), cfg.to_dict()[key]
         if key == "loss_weights" and isinstance(old, dict):
