@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -140,9 +141,16 @@ def test_plain_files_keep_their_old_architecture_record():
 def test_init_into_a_network_without_the_skip_warns(tmp_path, caplog):
     path = tmp_path / "skip.pth"
     save_crm(_skip_net(), str(path))
-    with caplog.at_level("WARNING", logger="crm_d2.training.model"):
-        report = load_init_weights(CRMNet(TINY_ARCH), str(path))
-    assert report["unused"] == 1 and "pixel_skip.weight" in caplog.text
+    log = logging.getLogger("crm_d2.training.model")
+    log.addHandler(caplog.handler)  # other tests may stop crm_d2 loggers from propagating
+    try:
+        with caplog.at_level("WARNING", logger=log.name):
+            report = load_init_weights(CRMNet(TINY_ARCH), str(path))
+    finally:
+        log.removeHandler(caplog.handler)
+    assert report["unused"] == 1
+    assert any("pixel_skip.weight" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
 
 
 def test_init_from_a_plain_network_and_lr_multipliers(tmp_path):
