@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from .distributed import check_device
 from .frozen import FrozenNetwork
 from .io import mask_to_prob
-from .modeling.crm import CRMNet, make_coord_axes, trunk_input
+from .modeling.crm import CRMNet, make_coord_axes
 from .modeling.fused import clear_folded
 from .sparse import DEFAULT_AUTOCAST, FastOptions, parse_autocast, refine_fast
 
@@ -351,8 +351,7 @@ class CRMRefiner(FrozenNetwork):
             if progress is not None:
                 progress(stage, 0, len(spans))  # the stage starts: encoding
             feat = self.model.encode(img_s, seg_s)
-            pixels = (trunk_input(image, seg, channels_last=False)
-                      if self.model.pixel_skip is not None else None)
+            pixels = (image, seg) if self.model.pixel_skip is not None else None
             logits = torch.empty(bsz, hp * wp, device=self.device)
             for ci, (a, b) in enumerate(spans):
                 q = torch.arange(a, b, device=self.device)

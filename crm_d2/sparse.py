@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .modeling.crm import CRMNet, GridGeometry, trunk_input
+from .modeling.crm import CRMNet, GridGeometry
 from .morphology import dilate
 from .tiling import encode_window, encoder_bytes_per_pixel, feature_size, receptive_radius
 
@@ -323,10 +323,10 @@ class _ScaleDecoder:
         grid_size: tuple[int, int],
         opts: FastOptions,
         chunk: int,
-        pixels: Tensor | None = None,
+        pixels: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         self.net, self.image, self.mask, self.opts = net, image, mask, opts
-        # (B, 4, Hp, Wp) image and mask of the grid itself, for CRMArch.pixel_skip networks
+        # (image, mask) of the grid itself (Hp x Wp), for CRMArch.pixel_skip networks
         self.pixels = pixels
         self.grid_size = grid_size
         bsz = image.shape[0]
@@ -760,7 +760,7 @@ def refine_fast(
             progress(stage, 0, 1)  # the scale starts: encoding
         pixels = None  # the grid's own image and mask, read by CRMArch.pixel_skip networks
         if net.pixel_skip is not None:
-            pixels = trunk_input(image, seg, channels_last=False)
+            pixels = (image, seg)  # read in place: no full-size copy
         dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk, pixels)
         if width is None and opts.stride == 1 and (dec.whole_fits or opts.halo is None):
             reads = None

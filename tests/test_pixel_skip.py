@@ -76,12 +76,18 @@ def test_the_three_decoders_agree_with_the_skip():
         g = torch.Generator().manual_seed(0)
         pb, py, px = (torch.randint(0, n, (60,), generator=g) for n in (2, h, w))
         pix = net.decode_pixels(net.project_features(feat), geom, pb, py, px, inputs=pixels)
+        pair = (image, mask)  # the uncopied form of the same values
+        grid_pair = net.decode_grid(feat, (h, w), inputs=pair)
+        pix_pair = net.decode_pixels(net.project_features(feat), geom, pb, py, px, inputs=pair)
+        ref_pair = net.decode(feat, coord, cell, pair).view(2, h, w)
         net.pixel_skip.weight.zero_()  # the skip matters: without it the logits differ
         unskipped = net.decode_grid(feat, (h, w), inputs=pixels)
     tol = 2e-5 * ref.abs().max()  # float rounding of logits up to ~10
     assert (grid - ref).abs().max() < tol
     assert (rows - ref[:, 3:17]).abs().max() < tol
     assert (pix - ref[pb, py, px]).abs().max() < tol
+    assert torch.equal(grid_pair, grid) and torch.equal(pix_pair, pix)
+    assert torch.equal(ref_pair, ref)
     assert (unskipped - ref).abs().max() > 1e-2
     empty = torch.zeros(0, dtype=torch.long)
     with torch.no_grad():

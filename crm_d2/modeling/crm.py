@@ -96,6 +96,11 @@ TINY_ARCH = CRMArch(block="basic", layers=(1, 1, 1, 1), width=16, feat_dim=32, m
                     with_layer4=False)
 
 
+#: What a :attr:`CRMArch.pixel_skip` decoder reads at its query pixels: a (B, 4, H, W)
+#: :func:`trunk_input`, or the pair (image (B, 3, H, W), mask (B, 1, H, W)) without the copy.
+SkipInputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
 def make_coord(shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Pixel-centre coordinates of an ``H x W`` grid in [-1, 1], (y, x) order.
 
@@ -429,7 +434,7 @@ class CRMNet(nn.Module):
         return torch.cat(out)
 
     def decode(self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor,
-               inputs: torch.Tensor | None = None) -> torch.Tensor:
+               inputs: SkipInputs | None = None) -> torch.Tensor:
         """Logits at query coordinates, with the 4-corner area-weighted local ensemble.
 
         This follows the authors' arithmetic step by step (it is the ``exact`` path).
@@ -438,7 +443,8 @@ class CRMNet(nn.Module):
             feat: (B, C, fh, fw) from :meth:`encode`.
             coord: (B, Q, 2) query coordinates, (y, x) in [-1, 1].
             cell: (B, Q, 2) query cell sizes.
-            inputs: (B, 4, H, W) :func:`trunk_input` of the image and mask at the resolution
+            inputs: (B, 4, H, W) :func:`trunk_input` of the image and mask (or the pair
+                ``(image, mask)``, :data:`SkipInputs`) at the resolution
                 whose pixel centres are queried (the full-resolution padded grid in inference,
                 not the scale's resized encoder input); required by :attr:`CRMArch.pixel_skip`
                 networks, which read it at ``coord`` (bilinearly), unused otherwise.
@@ -451,8 +457,10 @@ class CRMNet(nn.Module):
         extra = None
         if self.pixel_skip is not None:
             # bilinear at the query coordinates: the pixel's own value at pixel centres
-            values = F.grid_sample(self._skip_inputs(inputs), coord.flip(-1).unsqueeze(1),
-                                   mode="bilinear", padding_mode="border", align_corners=False)
+            grid = coord.flip(-1).unsqueeze(1)
+            values = torch.cat([F.grid_sample(t, grid, mode="bilinear", padding_mode="border",
+                                              align_corners=False)
+                                for t in self._skip_inputs(inputs)], dim=1)
             extra = self.pixel_term(values[:, :, 0].permute(0, 2, 1)).reshape(bsz * nq, -1)
         feat_coord = make_coord((fh, fw), device=feat.device).permute(2, 0, 1).unsqueeze(0)
         feat_coord = feat_coord.expand(bsz, 2, fh, fw)
@@ -492,7 +500,7 @@ class CRMNet(nn.Module):
         feat: torch.Tensor,
         grid_size: tuple[int, int],
         rows: tuple[int, int] | None = None,
-        inputs: torch.Tensor | None = None,
+        inputs: SkipInputs | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` at every pixel centre of an ``H x W`` grid (rows ``r0:r1``).
 
@@ -524,7 +532,7 @@ class CRMNet(nn.Module):
         rows: tuple[int, int] | torch.Tensor,
         cols: tuple[int, int] | torch.Tensor,
         origin: tuple[int, int] = (0, 0),
-        inputs: torch.Tensor | None = None,
+        inputs: SkipInputs | None = None,
     ) -> torch.Tensor:
         """:meth:`decode_grid` of the block ``rows x cols`` from a window of projected features.
 
@@ -555,8 +563,8 @@ class CRMNet(nn.Module):
         ys, xs = ys[rows], xs[cols]
         extra = None
         if self.pixel_skip is not None:
-            values = self._skip_inputs(inputs, grid_size).index_select(2, rows)
-            values = values.index_select(3, cols)
+            values = torch.cat([t.index_select(2, rows).index_select(3, cols)
+                                for t in self._skip_inputs(inputs, grid_size)], dim=1)
             extra = self.pixel_term(values.permute(0, 2, 3, 1)).to(dt)  # (B, h', w', D)
         fys, fxs = make_coord_axes((fh, fw), device=dev)
         # constant part of the first layer: bias + relative cell (2/H * fh, 2/W * fw)
@@ -612,7 +620,7 @@ class CRMNet(nn.Module):
         py: torch.Tensor,
         px: torch.Tensor,
         origin: tuple[int, int] = (0, 0),
-        inputs: torch.Tensor | None = None,
+        inputs: SkipInputs | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` at chosen pixels of a grid (the sparse form of :meth:`decode_grid`).
 
@@ -662,7 +670,8 @@ class CRMNet(nn.Module):
                else feat.addmm_(coords, w_coord))
         del feat
         if self.pixel_skip is not None:
-            values = self._skip_inputs(inputs, geom.grid_size)[pb, :, py, px]
+            values = torch.cat([t[pb, :, py, px]
+                                for t in self._skip_inputs(inputs, geom.grid_size)], dim=1)
             extra = self.pixel_term(values.to(out.dtype))  # (Q, D), the same for every shift
             if torch.is_grad_enabled():
                 out = out + extra.repeat(4, 1)
@@ -683,13 +692,19 @@ class CRMNet(nn.Module):
         inputs = None if self.pixel_skip is None else trunk_input(image, mask, channels_last=False)
         return self.decode(self.encode(image, mask), coord, cell, inputs)
 
-    def _skip_inputs(self, inputs: torch.Tensor | None,
-                     grid_size: tuple[int, int] | None = None) -> torch.Tensor:
-        if inputs is None or inputs.dim() != 4 or inputs.shape[1] != 4 or (
-                grid_size is not None and tuple(inputs.shape[-2:]) != tuple(grid_size)):
-            got = None if inputs is None else tuple(inputs.shape)
+    def _skip_inputs(self, inputs: SkipInputs | None,
+                     grid_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+        """``inputs`` as float tensors whose channels concatenate to the skip's 4 values."""
+        parts = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
+        ok = bool(parts) and all(t.dim() == 4 for t in parts) and (
+            sum(t.shape[1] for t in parts) == 4
+            and len({(t.shape[0], *t.shape[-2:]) for t in parts}) == 1
+            and (grid_size is None or tuple(parts[0].shape[-2:]) == tuple(grid_size)))
+        if not ok:
+            got = [tuple(t.shape) for t in parts] if parts else None
             raise ValueError(
                 "this CRM reads the image and mask at every query pixel (arch.pixel_skip): "
-                "pass inputs=trunk_input(image, mask) at the query grid's resolution, "
-                f"(B, 4, H, W) with (H, W) = {grid_size}, to the decoder; got {got}")
-        return inputs.float()
+                "pass inputs=(image, mask) or trunk_input(image, mask) at the query grid's "
+                f"resolution, (B, 3 + 1, H, W) with (H, W) = {grid_size}, to the decoder; "
+                f"got {got}")
+        return tuple(t.float() for t in parts)
