@@ -60,13 +60,14 @@ def parse_lr_mult(items: Sequence[str]) -> dict[str, float]:
     """``["pixel_skip=10", ...]`` -> ``{"pixel_skip": 10.0}``."""
     out = {}
     for item in items:
-        prefix, sep, factor = item.partition("=")
+        prefix, _, text = item.partition("=")
         try:
-            out[prefix] = float(factor)
+            factor = float(text)
         except ValueError:
-            sep = ""
-        if not sep or not prefix or not 0 < out.get(prefix, 0) < float("inf"):
+            factor = float("nan")
+        if not prefix or not 0 < factor < float("inf"):
             raise SystemExit(f"--lr-mult wants PREFIX=FACTOR (e.g. pixel_skip=10), got {item!r}")
+        out[prefix] = factor
     return out
 
 

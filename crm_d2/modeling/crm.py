@@ -689,7 +689,7 @@ class CRMNet(nn.Module):
 
         The queries are read against the encoded grid (``inputs`` of :meth:`decode`).
         """
-        inputs = None if self.pixel_skip is None else trunk_input(image, mask, channels_last=False)
+        inputs = None if self.pixel_skip is None else (image, mask)
         return self.decode(self.encode(image, mask), coord, cell, inputs)
 
     def _skip_inputs(self, inputs: SkipInputs | None,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_crm
-from ..modeling.crm import CRMNet, trunk_input
+from ..modeling.crm import CRMNet
 from .config import TrainConfig
 from .state import seed_all
 
@@ -43,9 +43,8 @@ class GridForward(nn.Module):
         """(B, 3, S, S) image, (B, 1, S, S) coarse in [-1, 1] -> (B, 1, S, S) float32 logits."""
         bsz, _, h, w = image.shape
         feat = self.net.encode(image, coarse)
-        inputs = None  # the crop's image and mask, read by CRMArch.pixel_skip networks
-        if self.net.pixel_skip is not None:
-            inputs = trunk_input(image, coarse, channels_last=False)
+        # the crop's image and mask, read in place by CRMArch.pixel_skip networks
+        inputs = (image, coarse) if self.net.pixel_skip is not None else None
         # The decoder compares coordinates to cell centres: keep it in float32 under autocast.
         with torch.autocast(device_type=image.device.type, enabled=False):
             logits = self.net.decode_grid(feat.float(), (h, w), inputs=inputs)
@@ -151,11 +150,11 @@ def param_groups(model: nn.Module, lr: float, lr_mult: dict[str, float]) -> list
     unused = sorted(set(lr_mult) - used)
     if unused:
         raise ValueError(f"lr_mult prefixes {unused} name no parameter of the network")
-    for factor in sorted(groups):
-        if factor != 1.0:
-            logger.info("lr x%g for %d parameter tensors", factor, len(groups[factor]))
     # the x1 group first: the trainer logs group 0's lr as the run's lr
     order = sorted(groups, key=lambda f: (f != 1.0, f))
+    for factor in order:
+        if factor != 1.0:
+            logger.info("lr x%g for %d parameter tensors", factor, len(groups[factor]))
     return [{"params": groups[f], "lr": lr * f} for f in order]
 
 
