@@ -326,6 +326,28 @@ def test_resume_rejects_plain_weights(tmp_path, disc_pairs):
         train(_config(tmp_path / "r", resume=str(weights)), [_dataset(disc_pairs)])
 
 
+def test_time_limit_stops_cleanly_and_resume_finishes_the_run(tmp_path, disc_pairs):
+    """A run past its time limit stops after the iteration in progress, writes last.pth and
+    the final weights, and a resume without the limit ends where an unlimited run ends."""
+    full = tmp_path / "full"
+    train(_config(full), [_dataset(disc_pairs)])
+    cut = tmp_path / "cut"
+    train(_config(cut, time_limit_min=1e-9), [_dataset(disc_pairs)])
+    assert [r["iter"] for r in _events(cut, "train")] == [1]
+    assert [r["iter"] for r in _events(cut, "end")] == [1]
+    state = torch.load(cut / "last.pth", map_location="cpu", weights_only=True)
+    assert state["train_state"]["iteration"] == 1
+    assert (cut / "model_final.pth").is_file()
+    train(_config(cut, resume="auto"), [_dataset(disc_pairs)])
+    assert [r["iter"] for r in _events(cut, "train")] == [1, 2, 3, 4, 5, 6]
+    a = torch.load(full / "last.pth", map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(cut / "last.pth", map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    with pytest.raises(ValueError, match="time_limit_min"):
+        _config(cut, time_limit_min=0.0)
+
+
 def test_resume_rejects_other_lr_multipliers(tmp_path, disc_pairs):
     """Adam's groups come back from the state, so a changed --lr-mult would be ignored."""
     arch = dataclasses.replace(PRESETS["tiny"], pixel_skip=True)

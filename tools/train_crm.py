@@ -202,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--ckpt-every", type=positive_int, default=1000)
     g.add_argument(
+        "--time-limit",
+        type=positive_float,
+        default=None,
+        metavar="MIN",
+        help="stop after this many minutes of training (validate, save and export as at the "
+        "end; --resume continues): for machines lent for a fixed time",
+    )
+    g.add_argument(
         "--val-scales",
         type=float_list,
         default=(0.125, 0.25, 0.5, 1.0),
@@ -249,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         threads=args.threads,
         data=tuple(args.data),
+        time_limit_min=args.time_limit,
     )
     train_sets, val_sources, rows = [], [], []
     for i, spec in enumerate(args.data):

@@ -99,6 +99,10 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` for this process (None = torch's default).
         data: human-readable description of the training data, recorded in the checkpoints.
         dist_timeout_min: collective timeout in minutes (rank 0 validates while others wait).
+        time_limit_min: stop after the first iteration past this many minutes of this start's
+            wall time (validate, write ``last.pth`` and the final weights as at the end; a
+            ``--resume`` continues towards ``iterations``); None = no limit. For machines lent
+            for a fixed time.
     """
 
     arch: str | CRMArch | dict = "official"
@@ -125,6 +129,7 @@ class TrainConfig:
     threads: int | None = None
     data: tuple[str, ...] = ()
     dist_timeout_min: float = 60.0
+    time_limit_min: float | None = None
 
     def __post_init__(self) -> None:
         resolve_arch(self.arch)
@@ -150,6 +155,8 @@ class TrainConfig:
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **self.loss_weights}
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.time_limit_min is not None and not self.time_limit_min > 0:
+            raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.milestones is not None:

@@ -215,6 +215,28 @@ class _Run:
             ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
             self.forward = nn.parallel.DistributedDataParallel(self.forward, **ddp_kwargs)
         self.t_start = time.perf_counter()
+        self.stopped_early = False
+
+    def out_of_time(self, it: int) -> bool:
+        """Whether ``cfg.time_limit_min`` has passed in this start (the same answer on every
+        rank: rank 0's clock decides); sets :attr:`stopped_early`."""
+        limit = self.cfg.time_limit_min
+        if limit is None:
+            return False
+        over = torch.tensor(
+            [float(time.perf_counter() - self.t_start > 60.0 * limit)], device=self.device
+        )
+        if self.info.distributed:
+            dist.broadcast(over, src=0)
+        if over.item() and it < self.cfg.iterations:
+            self.stopped_early = True
+            if self.main:
+                logger.warning(
+                    "time limit of %g min reached at iteration %d of %d: stopping (validation, "
+                    "last.pth and the final weights as at the end; --resume continues)",
+                    limit, it, self.cfg.iterations,
+                )
+        return self.stopped_early
 
     def wall(self) -> float:
         """Training wall time in seconds, over every start of the run."""
@@ -410,8 +432,10 @@ class _Run:
                 if it % cfg.ckpt_every == 0 and it < cfg.iterations:
                     self.save_last(it)
                 t_prev = time.perf_counter()
-                if it >= cfg.iterations:
+                if it >= cfg.iterations or self.out_of_time(it):
                     break
+            if it < cfg.iterations and self.stopped_early:
+                break
             epoch, skip = epoch + 1, 0
 
         if self.validator.last_iter != it:
