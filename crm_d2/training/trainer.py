@@ -223,12 +223,12 @@ class _Run:
         limit = self.cfg.time_limit_min
         if limit is None:
             return False
-        over = torch.tensor(
-            [float(time.perf_counter() - self.t_start > 60.0 * limit)], device=self.device
-        )
+        over = time.perf_counter() - self.t_start > 60.0 * limit
         if self.info.distributed:
-            dist.broadcast(over, src=0)
-        if over.item() and it < self.cfg.iterations:
+            flag = torch.tensor([float(over)], device=self.device)
+            dist.broadcast(flag, src=0)
+            over = bool(flag.item())
+        if over and it < self.cfg.iterations:
             self.stopped_early = True
             if self.main:
                 logger.warning(
