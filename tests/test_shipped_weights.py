@@ -25,8 +25,8 @@ def test_format_and_metadata(refiner):
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert refiner.scales == (1.0,)
     train = refiner.metadata["training"]
-    assert train["iteration"] == 600 and "Stage F (these weights)" in train["history"]
-    assert train["config"]["lr_mult"] == {"pixel_skip": 10.0}
+    assert train["iteration"] == 1800 and "Stage H (these weights)" in train["history"]
+    assert train["config"]["lr_mult"] == {"pixel_skip": 30.0}
     assert torch.count_nonzero(refiner.model.pixel_skip.weight) == 4 * 32
     assert train["config"]["loss_weights"]["boundary"] == 4.0
     assert "maskrcnn*4" in train["history"]
