@@ -30,13 +30,13 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from crm_d2.io import atomic_path, write_json
 from crm_d2.training.datasets import ImageMaskPairs
 from crm_d2.training.sources import build_source, parse_data_spec
+from crm_d2.training.transforms import rescale_pair
 
 logger = logging.getLogger("pack_training_set")
 
@@ -51,17 +51,6 @@ def source_name(spec: str) -> str:
     if kind == "coco":
         return Path(paths[0]).stem
     return Path(paths[0].rstrip("/\\")).name
-
-
-def downscale(image: np.ndarray, mask: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize (H, W, 3) image and (H, W) mask so that the longer side is <= ``max_side``."""
-    h, w = mask.shape
-    s = max_side / max(h, w)
-    if s >= 1.0:
-        return image, mask
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
-            cv2.resize(mask, size, interpolation=cv2.INTER_AREA))
 
 
 def encode(array: np.ndarray, fmt: str, **params) -> bytes:
@@ -94,6 +83,11 @@ def pack(
         raise ValueError(f"--max-side {max_side} is too small (at least 16)")
     if budget_mb <= 0:
         raise ValueError(f"--budget-mb must be > 0, got {budget_mb}")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise ValueError(f"--output {output} is not empty: name a new folder (nothing is "
+                         "overwritten)")
     repeats = Counter(specs)
     sources, names = [], set()
     for spec, times in repeats.items():
@@ -107,13 +101,8 @@ def pack(
         order = np.random.default_rng([seed, len(sources)]).permutation(len(train)).tolist()
         sources.append({"spec": spec, "name": name, "times": times, "data": train,
                         "order": order, "weight": times * len(train), "packed": 0, "bytes": 0})
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
-        raise ValueError(f"--output {output} is not empty: name a new folder (nothing is "
-                         "overwritten)")
     budget = int(budget_mb * 2**20)
-    total = 0
+    total = count = 0
     while True:
         open_ = [s for s in sources if s["packed"] < len(s["order"])]
         if not open_:
@@ -121,7 +110,7 @@ def pack(
         # the source furthest behind its share of the mixture goes next
         src = min(open_, key=lambda s: (s["packed"] + 1) / s["weight"])
         image, mask, name = src["data"].load(src["order"][src["packed"]])
-        image, mask = downscale(image, mask, max_side)
+        image, mask = rescale_pair(image, mask, min(1.0, max_side / max(mask.shape)))
         files = {"images": encode(image, "JPEG", quality=quality),
                  "masks": encode(mask, "PNG", optimize=True)}
         size = sum(len(b) for b in files.values())
@@ -130,14 +119,16 @@ def pack(
         stem = name.replace("/", "__")
         for sub, data in files.items():
             folder = out / src["name"] / sub
-            folder.mkdir(parents=True, exist_ok=True)
+            if not src["packed"]:
+                folder.mkdir(parents=True)
             with atomic_path(folder / f"{stem}.{'jpg' if sub == 'images' else 'png'}") as tmp:
                 Path(tmp).write_bytes(data)
         src["packed"] += 1
         src["bytes"] += size
         total += size
-        if sum(s["packed"] for s in sources) % 500 == 0:
-            logger.info("%d samples, %.1f MiB", sum(s["packed"] for s in sources), total / 2**20)
+        count += 1
+        if count % 500 == 0:
+            logger.info("%d samples, %.1f MiB", count, total / 2**20)
     manifest = {
         "val_fraction": val_fraction, "seed": seed, "max_side": max_side, "quality": quality,
         "budget_mb": budget_mb, "bytes": total,
@@ -149,8 +140,7 @@ def pack(
     for s in sources:
         logger.info("%s: %d of %d training samples, %.1f MiB", s["name"], s["packed"],
                     len(s["order"]), s["bytes"] / 2**20)
-    logger.info("packed %d samples, %.1f MiB -> %s", sum(s["packed"] for s in sources),
-                total / 2**20, out)
+    logger.info("packed %d samples, %.1f MiB -> %s", count, total / 2**20, out)
     return manifest
 
 

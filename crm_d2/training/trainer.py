@@ -434,7 +434,7 @@ class _Run:
                 t_prev = time.perf_counter()
                 if it >= cfg.iterations or self.out_of_time(it):
                     break
-            if it < cfg.iterations and self.stopped_early:
+            if self.stopped_early:
                 break
             epoch, skip = epoch + 1, 0
 

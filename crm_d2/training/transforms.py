@@ -42,6 +42,7 @@ __all__ = [
     "random_crop_flip",
     "random_grayscale",
     "random_rescale",
+    "rescale_pair",
     "rgb_to_gray",
 ]
 
@@ -163,14 +164,24 @@ def random_rescale(
     if not 0 < low <= high:
         raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
     factor = float(rng.uniform(low, high)) if high > low else low
+    image, gt = rescale_pair(image, gt, factor)
+    return image, gt, factor
+
+
+def rescale_pair(
+    image: np.ndarray, gt: np.ndarray, factor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize an (H, W, 3) image and its (H, W) mask by ``factor`` (area averaging down,
+    bilinear up; sides rounded, at least 1 pixel; the mask stays soft). Unchanged sizes return
+    the inputs themselves."""
     h, w = gt.shape
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
     if size == (w, h):
-        return image, gt, factor
+        return image, gt
     interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
     image = cv2.resize(image, size, interpolation=interp)
     gt = cv2.resize(gt, size, interpolation=interp)
-    return np.ascontiguousarray(image), np.ascontiguousarray(gt), factor
+    return np.ascontiguousarray(image), np.ascontiguousarray(gt)
 
 
 def center_crop_with_pad(array: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
