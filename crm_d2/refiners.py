@@ -67,8 +67,8 @@ def load_refiner(kind: str, path: str | None = None, device: str = "cpu", **kwar
         path: the checkpoint; None = the weights shipped with crm_d2 (CRM only; the guided
             filter has no weights and takes none).
         device: torch device.
-        kwargs: refiner options: ``scales``, ``chunk_size``, ``min_side``, ``autocast``
-            (CRM); ``L``, ``fast``, ``binarize`` (CascadePSP); ``radius``, ``eps`` (guided
+        kwargs: refiner options: ``scales``, ``chunk_size``, ``min_side``, ``autocast``,
+            ``flip`` (CRM); ``L``, ``fast``, ``binarize`` (CascadePSP); ``radius``, ``eps`` (guided
             filter). An option of another refiner is a ValueError.
 
     Raises:
@@ -76,7 +76,7 @@ def load_refiner(kind: str, path: str | None = None, device: str = "cpu", **kwar
         bad file (a CRM file given as CascadePSP, or the reverse, is named as such).
     """
     cls = refiner_class(kind)
-    options = {"crm": ("scales", "chunk_size", "min_side", "autocast"),
+    options = {"crm": ("scales", "chunk_size", "min_side", "autocast", "flip"),
                "cascadepsp": ("L", "fast", "binarize"),
                "guided_filter": ("radius", "eps")}[kind]
     foreign = sorted(k for k, v in kwargs.items() if k not in options and v is not None)

@@ -71,6 +71,19 @@ def test_autocast_flag_sets_the_precision(files, weights, monkeypatch):
     assert [o.autocast for o in seen] == ["auto", None]
 
 
+def test_flip_flag_turns_on_test_time_augmentation(files, weights, monkeypatch):
+    from crm_d2 import CRMRefiner
+
+    seen = []
+    real = CRMRefiner.refine
+    monkeypatch.setattr(CRMRefiner, "refine",
+                        lambda self, *a, **k: seen.append(self.flip) or real(self, *a, **k))
+    base = [str(files / "im.jpg"), str(files / "mask.png"), "-o", str(files / "o.png"),
+            "--weights", weights, "--quiet", "--scales", "1"]
+    assert cli.main(base) == 0 and cli.main(base + ["--flip"]) == 0
+    assert seen == [False, True]
+
+
 def test_missing_weights_says_what_to_pass(files, monkeypatch):
     monkeypatch.setattr("crm_d2.weights.default_weights_path", lambda: None)
     with pytest.raises(SystemExit, match="--weights PATH.*model_45705"):

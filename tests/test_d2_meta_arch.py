@@ -251,6 +251,12 @@ def test_from_config_builds_inner_model_and_frozen_refiner(crm_checkpoint):
     assert set(model.state_dict()) == {"model.weight"}
     cfg.MODEL.CRM.AUTOCAST = "none"
     assert build_model(cfg).refiner.autocast is None
+    assert not model.refiner.flip  # MODEL.CRM.FLIP's default
+    cfg.MODEL.CRM.FLIP = True
+    assert build_model(cfg).refiner.flip
+    cfg.MODEL.CRM.REFINER, cfg.MODEL.CRM.WEIGHTS = "guided_filter", ""
+    with pytest.raises(ValueError, match="MODEL.CRM.FLIP is CRM's"):
+        build_model(cfg)
     model.train()
     assert model.model.training
     assert not model.refiner.model.training

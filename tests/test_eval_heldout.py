@@ -60,3 +60,14 @@ def test_evaluate_reports_every_kind_and_refiner():
     table = TOOL["to_markdown"](result)
     assert "| **perturb** | **all** | coarse | 3 |" in table
     assert "| stride8_binary | b | guided | 1 |" in table
+
+
+def test_flip_rows_share_the_network_and_differ_from_one_pass():
+    torch.manual_seed(0)
+    net = CRMNet(CRMArch(block="basic", layers=(1, 1, 1, 1), width=8, feat_dim=16,
+                         mlp_hidden=(8,), with_layer4=False))
+    crm = CRMRefiner(net, scales=(1.0,))
+    flip = TOOL["flipped"](crm)
+    assert flip.flip and not crm.flip and flip.model is crm.model and flip.scales == crm.scales
+    img, mask, _ = _Source(1).load(0)
+    assert np.abs(flip.refine(img, mask) - crm.refine(img, mask)).max() > 1e-4

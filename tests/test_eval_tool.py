@@ -370,6 +370,8 @@ def test_resume_skips_done_images(tmp_path, weights, monkeypatch):
     assert again["before"] == first["before"] and again["after"] == first["after"]
     with pytest.raises(SystemExit, match="other inputs or settings.*min_area"):
         cli.main(coco_args(tmp_path / "data", out, weights, "--min-area", "50"))
+    with pytest.raises(SystemExit, match="other inputs or settings.*flip"):
+        cli.main([*args, "--flip"])  # flip TTA gives other masks: not mixed with these
     calls.clear()
     cli.main(
         coco_args(

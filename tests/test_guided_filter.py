@@ -121,3 +121,8 @@ def test_factory_cli_and_config_switch(tmp_path):
                   "--refiner", "guided_filter", "--autocast", "bf16"])
     with pytest.raises(ValueError, match="autocast do not apply"):
         load_refiner("guided_filter", autocast="bf16")
+    with pytest.raises(SystemExit, match="--flip"):
+        cli.main([str(tmp_path / "i.png"), str(tmp_path / "m.png"), "-o", str(out),
+                  "--refiner", "guided_filter", "--flip"])
+    with pytest.raises(ValueError, match="flip do not apply"):
+        load_refiner("guided_filter", flip=True)

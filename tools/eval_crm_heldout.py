@@ -27,6 +27,7 @@ Example (the model card's table)::
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -62,6 +63,13 @@ def build_refiner(spec: str, device: str, scales: Sequence[float] | None,
             kwargs = {"radius": int(radius), "eps": float(eps)}
         return load_refiner("guided_filter", None, device, **kwargs)
     return load_refiner("crm", spec, device, scales=scales, min_side=min_side)
+
+
+def flipped(refiner: CRMRefiner) -> CRMRefiner:
+    """The same network and settings with flip test-time augmentation on."""
+    out = copy.copy(refiner)
+    out.flip = True
+    return out
 
 
 class BandRestricted:
@@ -172,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--band", type=int, nargs="+", default=(),
                     help="also measure each CRM refiner with its changes restricted to W px "
                     "around the coarse boundary (rows NAME|bandW)")
+    ap.add_argument("--flip", action="store_true",
+                    help="also measure each CRM refiner with flip test-time augmentation "
+                    "(rows NAME|flip; the mirrored input refined too, the two maps averaged)")
     ap.add_argument("--output", required=True, help="folder for heldout_eval.json / .md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -191,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         refiners[name] = build_refiner(value, args.device, args.scales, args.min_side)
     for name, refiner in list(refiners.items()):
         if isinstance(refiner, CRMRefiner):
+            if args.flip:
+                refiners[f"{name}|flip"] = flipped(refiner)
             for width in args.band:
                 refiners[f"{name}|band{width}"] = BandRestricted(refiner, width)
     try:

@@ -141,6 +141,8 @@ def _refiner_record(refiner, scales: tuple[float, ...] | None) -> dict[str, Any]
         decoding = refiner.fast_options(scales).resolved(refiner.device)
         if not decoding.is_dense:  # records cached with dense decoding stay valid
             record["decoding"] = decoding.describe()
+        if refiner.flip:  # absent when off: records cached before the option stay valid
+            record["flip"] = True
         return record
     if scales is not None:
         raise ValueError(f"input scales are a CRM setting; the {refiner.kind} refiner has none")

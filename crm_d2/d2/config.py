@@ -163,7 +163,7 @@ def add_crm_config(cfg: CN) -> None:
     # weights shipped with crm_d2 (crm_d2.weights.default_weights_path()).
     c.WEIGHTS = ""
     # Refiner: "crm" (Shen et al. 2022), "cascadepsp" (Cheng et al. 2020; WEIGHTS is then the
-    # released file 'model', and SCALES / CHUNK_SIZE / AUTOCAST / EXACT do not apply) or
+    # released file 'model', and SCALES / CHUNK_SIZE / AUTOCAST / FLIP / EXACT do not apply) or
     # "guided_filter" (He et al. 2010, training-free baseline; WEIGHTS must be "").
     c.REFINER = "crm"
     # META_ARCHITECTURE of the wrapped (inner) model, e.g. "PanopticFPN", "PanopticFCN".
@@ -203,6 +203,10 @@ def add_crm_config(cfg: CN) -> None:
     # float32 everywhere (a string, not null); "bf16" / "fp16" force it. Measured within 0.1
     # IoU / mBA points of float32 on held-out images (BENCHMARKS.md). Ignored by EXACT.
     c.AUTOCAST = DEFAULT_AUTOCAST
+    # CRM test-time augmentation: also refine the left-right mirrored ROI and average the two
+    # probability maps (twice the refinement time; fewer objects made worse on held-out binary
+    # masks, crm_d2/weights/MODEL_CARD.md).
+    c.FLIP = False
     # Run the authors' schedule to the letter (their upsampling and every-pixel decoding). The
     # default (off) follows the schedule (crm_d2.sparse.FastOptions.default_for): the dense grid
     # decoder over several scales, equal to it within 1e-5 in float32 (see AUTOCAST); band

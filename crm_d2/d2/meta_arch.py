@@ -137,6 +137,9 @@ class CRMRefinedModel(nn.Module):
         model = build_model(inner_cfg)
         kind = crm.REFINER
         refiner_class(kind)  # an unknown name fails here, naming the choices
+        if crm.FLIP and kind != "crm":
+            raise ValueError(f"MODEL.CRM.FLIP is CRM's test-time augmentation: set it to False "
+                             f"for MODEL.CRM.REFINER {kind!r}")
         if kind == "guided_filter":
             if crm.WEIGHTS:
                 raise ValueError("MODEL.CRM.REFINER 'guided_filter' takes no weights: set "
@@ -144,7 +147,8 @@ class CRMRefinedModel(nn.Module):
             weights, kwargs = None, {}
         elif kind == "crm":
             weights = resolve_crm_weights(crm.WEIGHTS)
-            kwargs = {"chunk_size": int(crm.CHUNK_SIZE), "autocast": crm.AUTOCAST}
+            kwargs = {"chunk_size": int(crm.CHUNK_SIZE), "autocast": crm.AUTOCAST,
+                      "flip": bool(crm.FLIP)}
             if len(crm.SCALES):
                 kwargs["scales"] = tuple(float(s) for s in crm.SCALES)
         else:
