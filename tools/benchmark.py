@@ -202,10 +202,10 @@ def _case_coco(args) -> dict:
     from crm_d2 import CRMRefiner
     from crm_d2.segments import ROIOptions, refine_segments
 
-    refiner = CRMRefiner.from_checkpoint(None)
+    refiner = CRMRefiner.from_checkpoint(None, flip="+flip" in args.mode)
     scales = SCALES4 if "-4s" in args.mode else None
     roi = ROIOptions(canonical_sizes=CANONICAL) if "+canon" in args.mode else ROIOptions()
-    mode = args.mode.replace("-4s", "").replace("+canon", "")
+    mode = args.mode.replace("-4s", "").replace("+canon", "").replace("+flip", "")
     fast = _fast(mode, scales or refiner.scales) if mode != "exact" else None
 
     def run(name: str):
@@ -437,8 +437,8 @@ def main(argv=None) -> int:
     ap.add_argument("--coco-modes", nargs="+",
                     default=["default", "dense", "band", "band+canon", "dense+canon"],
                     help="modes of the COCO case; suffixes +cl / +nocl / +bf16 change the "
-                         "device knobs of any mode but exact (compared with the mode without "
-                         "them)")
+                         "device knobs of any mode but exact, +flip turns on flip test-time "
+                         "augmentation (each compared with the mode without them)")
     ap.add_argument("--heldout-davis", type=int, default=3)
     ap.add_argument("--heldout-ecssd", type=int, default=5)
     # child-only arguments
@@ -458,7 +458,9 @@ def main(argv=None) -> int:
         img1_modes.append(mode)
     for mode in [*img1_modes, *args.big_modes, *args.coco_modes]:
         base, knobs = _split_knobs(mode)
-        if base.replace("+canon", "").replace("-4s", "") not in MODES:
+        if "+flip" in base and mode not in args.coco_modes:
+            ap.error(f"mode {mode!r}: +flip is a suffix of --coco-modes only")
+        if base.replace("+canon", "").replace("+flip", "").replace("-4s", "") not in MODES:
             ap.error(f"mode {mode!r}: expected one of {', '.join(MODES)} (+ knobs)")
         if knobs and base == "exact":
             ap.error(f"mode {mode!r}: exact runs the authors' arithmetic, it takes no knobs")
@@ -576,11 +578,12 @@ def _report(args, results, heldout, rate, img1) -> str:
             continue
         if "segments" in res:
             note = ""
-            base = _split_knobs(label.replace("+canon", ""))[0]
+            base = _split_knobs(label.replace("+canon", "").replace("+flip", ""))[0]
             ref = by.get(base)
             if base != label and ref and "seconds" in ref:
                 i, m = _segments_iou_mba(res["mask"], ref["mask"])
                 what = ("per-size batching" if "+canon" in label
+                        else "one pass" if "+flip" in label
                         else f"`{base.rsplit(' ', 1)[-1]}`")
                 note = (f"; {ref['seconds'] / res['seconds']:.2f}x vs {what}, "
                         f"mean IoU {i:.4f} / mBA {m:.4f} vs it")
