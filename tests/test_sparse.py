@@ -40,6 +40,17 @@ def sample():
     return _sample(61, 83)
 
 
+# exact windows (the halo covers the receptive radius) on the small sample
+EXACT_TILED = dict(tile=16, halo=HALO, memory_mb=0.5, skip_padding=False)
+
+
+@pytest.fixture(scope="module")
+def dense_exact_tiled(refiner, sample) -> torch.Tensor:
+    """The sample decoded densely in exact windows at one scale (a reference, computed once)."""
+    image, seg = _padded(sample)
+    return refine_fast(refiner.model, image, seg, ONE, FastOptions(band=None, **EXACT_TILED))
+
+
 @pytest.fixture
 def decodings(monkeypatch) -> list:
     """(scales, FastOptions) of every refine_fast call that CRMRefiner makes."""
@@ -323,14 +334,12 @@ def test_batch_and_empty_masks_on_fast_path(refiner, sample):
     assert (out[0] - single[0]).abs().max() < 1e-5
 
 
-def test_grow_follows_a_boundary_the_network_moves(refiner, sample):
+def test_grow_follows_a_boundary_the_network_moves(refiner, sample, dense_exact_tiled):
     """With ``grow`` the band widens where the new boundary reaches its edge, never elsewhere."""
     image, seg = _padded(sample)
     net = refiner.model
-    dense = refine_fast(net, image, seg, ONE, FastOptions(band=None, skip_padding=False,
-                                                          tile=16, halo=HALO, memory_mb=0.5))
-    narrow = FastOptions(band=1.0, min_band=1, tile=16, halo=HALO, memory_mb=0.5,
-                         skip_padding=False)
+    dense = dense_exact_tiled
+    narrow = FastOptions(band=1.0, min_band=1, **EXACT_TILED)
     stats0, stats1 = {}, {}
     a = refine_fast(net, image, seg, ONE, narrow, stats=stats0)
     b = refine_fast(net, image, seg, ONE, narrow.with_(grow=50), stats=stats1)
@@ -346,13 +355,12 @@ def test_grow_follows_a_boundary_the_network_moves(refiner, sample):
     assert torch.equal(refine_fast(net, image, seg, ONE, narrow.with_(grow=0)), a)
 
 
-def test_scan_gives_every_pixel_a_new_probability(refiner, sample):
+def test_scan_gives_every_pixel_a_new_probability(refiner, sample, dense_exact_tiled):
     """At ``scan`` scales the far field is decoded strided, the band in full."""
     image, seg = _padded(sample)
     net = refiner.model
-    common = dict(tile=16, halo=HALO, memory_mb=0.5, skip_padding=False)
-    dense = refine_fast(net, image, seg, ONE, FastOptions(band=None, **common))
-    opts = FastOptions(band=2.0, min_band=2, scan=1.0, scan_stride=2.0, **common)
+    dense = dense_exact_tiled
+    opts = FastOptions(band=2.0, min_band=2, scan=1.0, scan_stride=2.0, **EXACT_TILED)
     prob = refine_fast(net, image, seg, ONE, opts)
     band = boundary_band(seg * 0.5 + 0.5, opts.band_width(1.0))[:, None]
     assert (prob[band] - dense[band]).abs().max() < 1e-5  # the band in full
