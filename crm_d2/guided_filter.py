@@ -19,6 +19,7 @@ box-filter algorithm). Output probabilities are clipped to [0, 1].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,14 +33,76 @@ __all__ = ["GuidedFilterRefiner", "guided_filter"]
 
 DEFAULT_RADIUS = 4
 DEFAULT_EPS = 1e-2
+#: pixels per tile of :func:`guided_filter` (256 x 256: constant tiles are skipped)
+MAX_PIXELS = 1 << 16
 
 
 def _box(x: torch.Tensor, r: int) -> torch.Tensor:
-    return F.avg_pool2d(x, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
+    """Mean of ``x`` over the (2r+1)^2 window of each pixel, clipped to the image.
+
+    Separable window sums (2r+1 shifted views of a zero padding added along each axis), divided
+    by the number of in-image pixels of each window: the box filter of the paper's Algorithm 1,
+    equal to ``avg_pool2d(count_include_pad=False)`` to float rounding and several times faster
+    on a CPU.
+    """
+    h, w = x.shape[-2:]
+    rows = F.pad(x, (0, 0, r, r))
+    s = rows[..., 0:h, :].clone()
+    for k in range(1, 2 * r + 1):
+        s += rows[..., k:k + h, :]
+    cols = F.pad(s, (r, r))
+    s = cols[..., 0:w].clone()
+    for k in range(1, 2 * r + 1):
+        s += cols[..., k:k + w]
+
+    def count(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=x.device)
+        return ((i + r).clamp(max=n - 1) - (i - r).clamp(min=0) + 1).to(x.dtype)
+
+    return s.div_(count(h)[:, None] * count(w)[None, :])
+
+
+def _solve_sym3(s: tuple[torch.Tensor, ...], v: torch.Tensor) -> torch.Tensor:
+    """Solve ``S a = v`` per pixel for symmetric positive-definite 3x3 ``S``.
+
+    Args:
+        s: the six planes (B, H, W) of ``S``: s00, s01, s02, s11, s12, s22.
+        v: (B, 3, H, W).
+
+    Returns:
+        (B, 3, H, W): ``adj(S) v / det(S)`` with the cofactors written out, elementwise on the
+        image planes instead of a batched LU of H*W tiny matrices.
+    """
+    a, b, c, d, e, f = s
+    c00, c01, c02 = d * f - e * e, c * e - b * f, b * e - c * d
+    c11, c12, c22 = a * f - c * c, b * c - a * e, a * d - b * b
+    det = a * c00 + b * c01 + c * c02
+    x, y, z = v[:, 0], v[:, 1], v[:, 2]
+    return torch.stack((c00 * x + c01 * y + c02 * z,
+                        c01 * x + c11 * y + c12 * z,
+                        c02 * x + c12 * y + c22 * z), dim=1) / det[:, None]
+
+
+#: the (i, j) entries of the guide's 3x3 covariance that are computed (it is symmetric)
+_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+
+
+def _filter(guide: torch.Tensor, src: torch.Tensor, r: int, eps: float) -> torch.Tensor:
+    """The guided filter of one block: Algorithm 1 of He et al. with a colour guide."""
+    prods = [guide[:, i] * guide[:, j] for i, j in _PAIRS]
+    means = _box(torch.cat((guide, src, guide * src, torch.stack(prods, dim=1)), dim=1), r)
+    mean_i, mean_p, mean_ip = means[:, 0:3], means[:, 3:4], means[:, 4:7]
+    cov_ip = mean_ip - mean_i * mean_p
+    sigma = tuple(means[:, 7 + k] - mean_i[:, i] * mean_i[:, j] + (eps if i == j else 0.0)
+                  for k, (i, j) in enumerate(_PAIRS))
+    a = _solve_sym3(sigma, cov_ip)  # (B, 3, H, W)
+    bias = mean_p - (a * mean_i).sum(dim=1, keepdim=True)
+    ab = _box(torch.cat((a, bias), dim=1), r)
+    return (ab[:, 0:3] * guide).sum(dim=1, keepdim=True) + ab[:, 3:4]
 
 
 def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int = DEFAULT_RADIUS,
-                  eps: float = DEFAULT_EPS) -> torch.Tensor:
+                  eps: float = DEFAULT_EPS, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Colour guided filter (He et al. 2010, Algorithm 1 with a 3-channel guide).
 
     Args:
@@ -47,6 +110,8 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int = DEFAULT_
         src: (B, 1, H, W) float input to filter.
         radius: window radius r (window (2r+1)^2); the window is clipped to the image.
         eps: ridge regulariser (in the guide's units squared).
+        max_pixels: larger inputs (batch included) are filtered in square tiles of about
+            this many pixels, with the same result, so that peak memory follows the tile.
 
     Returns:
         (B, 1, H, W) filtered ``src`` (float32, not clipped).
@@ -60,19 +125,26 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int = DEFAULT_
         raise ValueError(f"need radius >= 1 and eps > 0, got radius={radius}, eps={eps}")
     guide, src = guide.float(), src.float()
     r = min(int(radius), max(guide.shape[-2:]))
-    mean_i = _box(guide, r)  # (B, 3, H, W)
-    mean_p = _box(src, r)
-    cov_ip = _box(guide * src, r) - mean_i * mean_p
-    # 3x3 covariance of the guide in each window, as (B, H, W, 3, 3)
-    pairs = guide[:, :, None] * guide[:, None, :]  # (B, 3, 3, H, W)
     b, _, h, w = guide.shape
-    corr = _box(pairs.reshape(b, 9, h, w), r).reshape(b, 3, 3, h, w)
-    sigma = corr - mean_i[:, :, None] * mean_i[:, None, :]
-    sigma = sigma.permute(0, 3, 4, 1, 2) + eps * torch.eye(3, device=guide.device)
-    a = torch.linalg.solve(sigma, cov_ip.permute(0, 2, 3, 1).unsqueeze(-1)).squeeze(-1)
-    a = a.permute(0, 3, 1, 2)  # (B, 3, H, W)
-    bias = mean_p - (a * mean_i).sum(dim=1, keepdim=True)
-    return (_box(a, r) * guide).sum(dim=1, keepdim=True) + _box(bias, r)
+    side = max(8 * r, math.isqrt(max(1, int(max_pixels) // b)))
+    if h * w <= side * side:
+        return _filter(guide, src, r, eps)
+    # Tiles with a 2r halo give the whole-image answer (each output pixel reads the window
+    # means of its (2r+1)^2 window, which read the guide within 2r): peak memory follows the
+    # tile. Where ``src`` is constant over a tile and its halo, the filter returns that
+    # constant (cov(I, p) = 0 there), so the tile is copied: a mask's filter costs its boundary.
+    out = src.clone()
+    for y0 in range(0, h, side):
+        for x0 in range(0, w, side):
+            y1, x1 = min(h, y0 + side), min(w, x0 + side)
+            a0, a1 = max(0, y0 - 2 * r), min(h, y1 + 2 * r)
+            b0, b1 = max(0, x0 - 2 * r), min(w, x1 + 2 * r)
+            block = src[:, :, a0:a1, b0:b1]
+            if bool((block == block[:, :, :1, :1]).all()):
+                continue
+            part = _filter(guide[:, :, a0:a1, b0:b1], block, r, eps)
+            out[:, :, y0:y1, x0:x1] = part[:, :, y0 - a0:y1 - a0, x0 - b0:x1 - b0]
+    return out
 
 
 class GuidedFilterRefiner:

@@ -126,3 +126,18 @@ def test_factory_cli_and_config_switch(tmp_path):
                   "--refiner", "guided_filter", "--flip"])
     with pytest.raises(ValueError, match="flip do not apply"):
         load_refiner("guided_filter", flip=True)
+    with pytest.raises(SystemExit, match="--guided-blend"):
+        cli.main([str(tmp_path / "i.png"), str(tmp_path / "m.png"), "-o", str(out),
+                  "--refiner", "guided_filter", "--guided-blend", "0.5"])
+
+
+def test_tiles_give_the_whole_image_answer_and_copy_constant_tiles():
+    torch.manual_seed(0)
+    guide = torch.rand(2, 3, 70, 45)
+    src = torch.zeros(2, 1, 70, 45)
+    src[:, :, 10:30, 5:25] = 1  # the lower part of the image is constant: its tiles are copied
+    whole = guided_filter(guide, src, 3, 1e-2)
+    for max_pixels in (2 * 24 * 24, 2 * 40 * 40, 1):  # tiles of 24 and 40 px, and the minimum
+        tiled = guided_filter(guide, src, 3, 1e-2, max_pixels=max_pixels)
+        assert (tiled - whole).abs().max() < 1e-5
+    assert (whole[:, :, 45:] - src[:, :, 45:]).abs().max() < 1e-5  # a constant far from edges
