@@ -177,6 +177,13 @@ class CRMRefiner(FrozenNetwork):
     too and the two probability maps averaged (twice the time; with ``exact`` too). The
     averaging cancels part of the network's noise (``crm_d2/weights/MODEL_CARD.md``: fewer
     objects made worse on held-out binary masks).
+
+    ``guided_blend=w`` mixes in the guided filter of the coarse mask (He et al., ECCV 2010; the
+    training-free baseline, :mod:`crm_d2.guided_filter`, radius 4, eps 1e-2): the output is
+    ``(1 - w) * CRM + w * guided``, after flip. An ensemble of two refiners with different
+    errors (CRM's network noise, the filter's pull to every colour edge); not in the paper.
+    ``None`` in :meth:`from_checkpoint` takes the checkpoint's ``guided_blend`` (the shipped
+    file's: its model card), else 0 (CRM alone, e.g. the official weights).
     """
 
     def __init__(
@@ -191,6 +198,7 @@ class CRMRefiner(FrozenNetwork):
         fast: FastOptions | None = None,
         autocast: str | None = DEFAULT_AUTOCAST,
         flip: bool = False,
+        guided_blend: float = 0.0,
     ) -> None:
         self._freeze(model, check_device(device))
         self.scales = _check_scales(scales)
@@ -208,6 +216,7 @@ class CRMRefiner(FrozenNetwork):
         if not isinstance(flip, bool):
             raise ValueError(f"flip must be True or False, got {flip!r}")
         self.flip = flip
+        self.guided_blend = check_guided_blend(guided_blend)
         self._channels_last = False  # the network's current weight layout
 
     def _use_channels_last(self, on: bool) -> None:
@@ -232,8 +241,9 @@ class CRMRefiner(FrozenNetwork):
         dict, and the project's checkpoint format; see :mod:`crm_d2.checkpoint` for the errors
         raised on bad files. ``path=None`` loads the weights shipped with crm_d2
         (:func:`crm_d2.weights.default_weights_path`). ``kwargs`` go to the constructor
-        (``scales``, ``chunk_size``, ``min_side``, ``fast``, ``autocast``, ``flip``); the
-        scales (and ``min_side``) stored in a project checkpoint are used when none are given.
+        (``scales``, ``chunk_size``, ``min_side``, ``fast``, ``autocast``, ``flip``,
+        ``guided_blend``); the scales, ``min_side`` and ``guided_blend`` stored in a project
+        checkpoint are used when none are given.
         """
         from .checkpoint import CheckpointError, load_crm
         from .weights import resolve_weights
@@ -253,6 +263,16 @@ class CRMRefiner(FrozenNetwork):
                     ) from e
         if kwargs.get("min_side") is None and meta.get("min_side"):
             kwargs["min_side"] = int(meta["min_side"])
+        if kwargs.get("guided_blend") is None:
+            kwargs.pop("guided_blend", None)
+            if meta.get("guided_blend") is not None:
+                try:
+                    kwargs["guided_blend"] = check_guided_blend(meta["guided_blend"])
+                except (ValueError, TypeError) as e:
+                    raise CheckpointError(
+                        f"{path!r} stores an unusable guided_blend {meta['guided_blend']!r} "
+                        f"({e}): pass it explicitly (--guided-blend)"
+                    ) from e
         return cls(model, device, metadata=meta, **kwargs)
 
     def fast_options(self, scales: Sequence[float] | None = None) -> FastOptions:
@@ -336,15 +356,24 @@ class CRMRefiner(FrozenNetwork):
     def _refine_padded(self, image, seg, scales, exact, progress, fast, stats=None):
         """:meth:`refine_tensors` on inputs already reflect-padded by ``PAD`` (the reflect
         padding commutes with mirroring, so the mirrored pass sees the padded mirror image)."""
+        guided = None
+        if self.guided_blend:  # first, from the coarse mask
+            from .guided_filter import GuidedFilterRefiner  # it imports this module
+
+            core = (slice(None), slice(None), slice(PAD, -PAD), slice(PAD, -PAD))
+            guided = GuidedFilterRefiner(device=self.device).refine_tensors(
+                image[core], seg[core], progress=progress)
         prob = self._schedule(image, seg, scales, exact, progress, fast, stats)
-        if not self.flip:
-            return prob
-        if progress is not None:
-            def mirrored(stage, done, total):
-                progress(f"mirrored {stage}", done, total)
-        flipped = self._schedule(image.flip(-1), seg.flip(-1), scales, exact,
-                                 None if progress is None else mirrored, fast)
-        return prob.add_(flipped.flip(-1)).mul_(0.5)
+        if self.flip:
+            if progress is not None:
+                def mirrored(stage, done, total):
+                    progress(f"mirrored {stage}", done, total)
+            flipped = self._schedule(image.flip(-1), seg.flip(-1), scales, exact,
+                                     None if progress is None else mirrored, fast)
+            prob = prob.add_(flipped.flip(-1)).mul_(0.5)
+        if guided is not None:
+            prob = prob.mul_(1 - self.guided_blend).add_(guided, alpha=self.guided_blend)
+        return prob
 
     def _schedule(self, image, seg, scales, exact, progress, fast, stats=None):
         """One pass of the coarse-to-fine schedule on padded inputs -> (B, H, W)."""
@@ -426,6 +455,15 @@ def check_batch(image: torch.Tensor, mask: torch.Tensor) -> None:
     if mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"image is {tuple(image.shape[-2:])} but mask is "
                          f"{tuple(mask.shape[-2:])}")
+
+
+def check_guided_blend(weight: float) -> float:
+    """The weight of the guided filter in :class:`CRMRefiner`'s output: a number in [0, 1]."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"guided_blend must be a number in [0, 1], got {weight!r}")
+    if not 0.0 <= float(weight) <= 1.0:
+        raise ValueError(f"guided_blend must be in [0, 1], got {weight}")
+    return float(weight)
 
 
 def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:

@@ -68,15 +68,15 @@ def load_refiner(kind: str, path: str | None = None, device: str = "cpu", **kwar
             filter has no weights and takes none).
         device: torch device.
         kwargs: refiner options: ``scales``, ``chunk_size``, ``min_side``, ``autocast``,
-            ``flip`` (CRM); ``L``, ``fast``, ``binarize`` (CascadePSP); ``radius``, ``eps`` (guided
-            filter). An option of another refiner is a ValueError.
+            ``flip``, ``guided_blend`` (CRM); ``L``, ``fast``, ``binarize`` (CascadePSP);
+            ``radius``, ``eps`` (guided filter). An option of another refiner is a ValueError.
 
     Raises:
         ValueError: unknown kind or option; :class:`~crm_d2.checkpoint.CheckpointError` on a
         bad file (a CRM file given as CascadePSP, or the reverse, is named as such).
     """
     cls = refiner_class(kind)
-    options = {"crm": ("scales", "chunk_size", "min_side", "autocast", "flip"),
+    options = {"crm": ("scales", "chunk_size", "min_side", "autocast", "flip", "guided_blend"),
                "cascadepsp": ("L", "fast", "binarize"),
                "guided_filter": ("radius", "eps")}[kind]
     foreign = sorted(k for k, v in kwargs.items() if k not in options and v is not None)

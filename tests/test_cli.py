@@ -84,6 +84,24 @@ def test_flip_flag_turns_on_test_time_augmentation(files, weights, monkeypatch):
     assert seen == [False, True]
 
 
+def test_guided_blend_flag_overrides_the_checkpoint(files, weights, monkeypatch):
+    from crm_d2 import CRMRefiner
+
+    seen = []
+    real = CRMRefiner.refine
+    monkeypatch.setattr(CRMRefiner, "refine",
+                        lambda self, *a, **k: seen.append(self.guided_blend) or real(self, *a, **k))
+    base = [str(files / "im.jpg"), str(files / "mask.png"), "-o", str(files / "o.png"),
+            "--weights", weights, "--quiet", "--scales", "1"]
+    assert cli.main(base) == 0 and cli.main(base + ["--guided-blend", "0.5"]) == 0
+    assert seen == [0.0, 0.5]
+    for bad in ("1.5", "x"):
+        with pytest.raises(SystemExit):
+            cli.main(base + ["--guided-blend", bad])
+    with pytest.raises(SystemExit, match="--guided-blend do"):
+        cli.main(base[:4] + ["--refiner", "guided_filter", "--guided-blend", "0"])
+
+
 def test_missing_weights_says_what_to_pass(files, monkeypatch):
     monkeypatch.setattr("crm_d2.weights.default_weights_path", lambda: None)
     with pytest.raises(SystemExit, match="--weights PATH.*model_45705"):

@@ -254,6 +254,13 @@ def test_from_config_builds_inner_model_and_frozen_refiner(crm_checkpoint):
     assert not model.refiner.flip  # MODEL.CRM.FLIP's default
     cfg.MODEL.CRM.FLIP = True
     assert build_model(cfg).refiner.flip
+    assert model.refiner.guided_blend == 0.0  # GUIDED_BLEND -1: the checkpoint's (none stored)
+    cfg.MODEL.CRM.GUIDED_BLEND = 0.5
+    assert build_model(cfg).refiner.guided_blend == 0.5
+    cfg.MODEL.CRM.GUIDED_BLEND = 1.5
+    with pytest.raises(ValueError, match="GUIDED_BLEND must be in"):
+        build_model(cfg)
+    cfg.MODEL.CRM.GUIDED_BLEND = -1.0
     cfg.MODEL.CRM.REFINER, cfg.MODEL.CRM.WEIGHTS = "guided_filter", ""
     with pytest.raises(ValueError, match="MODEL.CRM.FLIP is CRM's"):
         build_model(cfg)

@@ -71,3 +71,17 @@ def test_flip_rows_share_the_network_and_differ_from_one_pass():
     assert flip.flip and not crm.flip and flip.model is crm.model and flip.scales == crm.scales
     img, mask, _ = _Source(1).load(0)
     assert np.abs(flip.refine(img, mask) - crm.refine(img, mask)).max() > 1e-4
+
+
+def test_blend_rows_mix_in_the_guided_filter():
+    from crm_d2.guided_filter import GuidedFilterRefiner
+
+    torch.manual_seed(0)
+    net = CRMNet(CRMArch(block="basic", layers=(1, 1, 1, 1), width=8, feat_dim=16,
+                         mlp_hidden=(8,), with_layer4=False))
+    crm = CRMRefiner(net, scales=(1.0,))
+    blend = TOOL["blended"](crm, 0.5)
+    assert blend.guided_blend == 0.5 and crm.guided_blend == 0.0 and blend.model is crm.model
+    img, mask, _ = _Source(1).load(0)
+    want = 0.5 * crm.refine(img, mask) + 0.5 * GuidedFilterRefiner().refine(img, mask)
+    assert np.abs(blend.refine(img, mask) - want).max() < 1e-5

@@ -372,6 +372,8 @@ def test_resume_skips_done_images(tmp_path, weights, monkeypatch):
         cli.main(coco_args(tmp_path / "data", out, weights, "--min-area", "50"))
     with pytest.raises(SystemExit, match="other inputs or settings.*flip"):
         cli.main([*args, "--flip"])  # flip TTA gives other masks: not mixed with these
+    with pytest.raises(SystemExit, match="other inputs or settings.*guided_blend"):
+        cli.main([*args, "--guided-blend", "0.5"])
     calls.clear()
     cli.main(
         coco_args(

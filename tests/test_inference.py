@@ -224,3 +224,46 @@ def test_flip_averages_the_mirrored_refinement(sample):
     assert len(calls) == 16 and calls[8] == ("mirrored scale 0.125 (1/4)", 0, 1)
     with pytest.raises(ValueError, match="flip"):
         _refiner(flip=1)
+
+
+def test_guided_blend_mixes_in_the_guided_filter_of_the_coarse_mask(sample):
+    from crm_d2.guided_filter import GuidedFilterRefiner
+
+    img, mask = sample
+    crm, guided = _refiner(), GuidedFilterRefiner().refine(img, mask)
+    a = crm.refine(img, mask)
+    assert np.abs(a - guided).max() > 1e-2, "CRM and the filter agree: no test"
+    for w in (0.25, 1.0):
+        blend = _refiner(guided_blend=w)
+        for exact in (False, True):
+            want = (1 - w) * crm.refine(img, mask, exact=exact) + w * guided
+            assert np.abs(blend.refine(img, mask, exact=exact) - want).max() < 1e-5
+    # after flip, and on the batched entry point of the detectron2 layer
+    flip, both = _refiner(flip=True), _refiner(flip=True, guided_blend=0.5)
+    want = 0.5 * flip.refine(img, mask) + 0.5 * guided
+    assert np.abs(both.refine(img, mask) - want).max() < 1e-5
+    t, k = prepare_inputs(img, mask)
+    assert np.abs(both.refine_tensors(t, k)[0].numpy() - want).max() < 1e-5
+    assert _refiner().guided_blend == 0.0  # CRM alone unless asked
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="guided_blend"):
+            _refiner(guided_blend=bad)
+
+
+def test_guided_blend_of_a_checkpoint(tmp_path, sample):
+    from crm_d2.checkpoint import CheckpointError, save_crm
+
+    img, mask = sample
+    net = random_crm(SMALL, 0, random_bn=True)
+    save_crm(net, str(tmp_path / "plain.pth"), scales=[1.0])
+    save_crm(net, str(tmp_path / "blend.pth"), scales=[1.0], guided_blend=0.5)
+    save_crm(net, str(tmp_path / "bad.pth"), scales=[1.0], guided_blend=2.0)
+    assert CRMRefiner.from_checkpoint(str(tmp_path / "plain.pth")).guided_blend == 0.0
+    stored = CRMRefiner.from_checkpoint(str(tmp_path / "blend.pth"))
+    assert stored.guided_blend == 0.5
+    assert CRMRefiner.from_checkpoint(str(tmp_path / "blend.pth"),
+                                      guided_blend=0.0).guided_blend == 0.0
+    explicit = CRMRefiner.from_checkpoint(str(tmp_path / "plain.pth"), guided_blend=0.5)
+    assert np.array_equal(stored.refine(img, mask), explicit.refine(img, mask))
+    with pytest.raises(CheckpointError, match="unusable guided_blend 2.0.*--guided-blend"):
+        CRMRefiner.from_checkpoint(str(tmp_path / "bad.pth"))

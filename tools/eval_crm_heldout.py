@@ -40,8 +40,10 @@ from tqdm import tqdm
 
 from crm_d2 import CRMRefiner
 from crm_d2.band import restrict_to_band
+from crm_d2.cli.args import probability
 from crm_d2.coarse import CoarseKind, parse_kinds
 from crm_d2.evaluation.binary import BinaryMetrics
+from crm_d2.inference import check_guided_blend
 from crm_d2.io import write_json, write_text
 from crm_d2.refiners import load_refiner
 from crm_d2.training.sources import build_source
@@ -69,6 +71,13 @@ def flipped(refiner: CRMRefiner) -> CRMRefiner:
     """The same network and settings with flip test-time augmentation on."""
     out = copy.copy(refiner)
     out.flip = True
+    return out
+
+
+def blended(refiner: CRMRefiner, weight: float) -> CRMRefiner:
+    """The same network and settings with the guided filter mixed in at ``weight``."""
+    out = copy.copy(refiner)
+    out.guided_blend = check_guided_blend(weight)
     return out
 
 
@@ -183,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--flip", action="store_true",
                     help="also measure each CRM refiner with flip test-time augmentation "
                     "(rows NAME|flip; the mirrored input refined too, the two maps averaged)")
+    ap.add_argument("--guided-blend", type=probability, nargs="+", default=(), metavar="W",
+                    help="also measure each CRM refiner (and its flip rows) with the guided filter "
+                    "mixed in at weight W (rows NAME|blendW, NAME|flip|blendW; the NAME rows "
+                    "use the checkpoint's own guided_blend)")
     ap.add_argument("--output", required=True, help="folder for heldout_eval.json / .md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -202,8 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         refiners[name] = build_refiner(value, args.device, args.scales, args.min_side)
     for name, refiner in list(refiners.items()):
         if isinstance(refiner, CRMRefiner):
+            variants = {name: refiner}
             if args.flip:
-                refiners[f"{name}|flip"] = flipped(refiner)
+                variants[f"{name}|flip"] = refiners[f"{name}|flip"] = flipped(refiner)
+            for base, r in variants.items():
+                for w in args.guided_blend:
+                    refiners[f"{base}|blend{w:g}"] = blended(r, w)
             for width in args.band:
                 refiners[f"{name}|band{width}"] = BandRestricted(refiner, width)
     try:

@@ -3,8 +3,9 @@
 
 ``tools/train_crm.py`` writes ``best.pth`` / ``last.pth`` (full precision, with the training
 state); this writes the project format that ``CRMRefiner.from_checkpoint`` reads, with the
-inference scales (and the optional ROI-size rule ``min_side``) stored so the file refines as it
-was measured, the training record kept, and a free-text ``history`` line appended::
+inference scales (and the optional ROI-size rule ``min_side`` and guided-filter blend
+``guided_blend``, :class:`crm_d2.CRMRefiner`) stored so the file refines as it was measured,
+the training record kept, and a free-text ``history`` line appended::
 
     python3 tools/export_weights.py RUN/best.pth crm_d2/weights/crm_d2_effnet_lite0.pth \\
         --scales 1.0 --note "stage 1: 3000 iterations from ImageNet"
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from crm_d2.checkpoint import load_crm, save_crm
+from crm_d2.cli.args import probability
 
 logger = logging.getLogger("export_weights")
 
@@ -30,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="inference scales to store (default: the checkpoint's)")
     p.add_argument("--min-side", type=int, default=None,
                    help="store the ROI-size rule: skip scales whose input is shorter than this")
+    p.add_argument("--guided-blend", type=probability, default=None, metavar="W",
+                   help="store the weight of the guided filter mixed into the output "
+                   "(default: the checkpoint's, if any)")
     p.add_argument("--note", default=None, help="appended to the training history")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -43,10 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.note:
         training["history"] = " ".join(x for x in (training.get("history"), args.note) if x)
     extra = {"min_side": args.min_side} if args.min_side else {}
+    blend = meta.get("guided_blend") if args.guided_blend is None else args.guided_blend
+    if blend is not None:
+        extra["guided_blend"] = float(blend)
     save_crm(model, args.output, half=True, scales=[float(s) for s in scales],
              training=training, **extra)
-    logger.info("wrote %s (scales %s%s)", args.output, scales,
-                f", min_side {args.min_side}" if args.min_side else "")
+    logger.info("wrote %s (scales %s%s%s)", args.output, scales,
+                f", min_side {args.min_side}" if args.min_side else "",
+                "" if blend is None else f", guided_blend {float(blend):g}")
     return 0
 
 

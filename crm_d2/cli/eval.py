@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CRM test-time augmentation: also refine the mirrored input and average "
                         "(twice the time; fewer objects made worse on held-out binary masks, "
                         "crm_d2/weights/MODEL_CARD.md)")
+    w.add_argument("--guided-blend", type=probability, default=None, metavar="W",
+                   help="CRM: weight W of the guided filter of the coarse mask in the output, "
+                        "(1 - W) CRM + W guided (default: the checkpoint's; the shipped file's "
+                        "is in crm_d2/weights/MODEL_CARD.md; 0 = CRM alone)")
 
     i = p.add_argument_group("input (one of --coco-instances, --coco-panoptic, --big)")
     mode = i.add_mutually_exclusive_group(required=True)
@@ -328,7 +332,8 @@ def _cascadepsp_refiner(args: argparse.Namespace, device: str):
     )
 
     crm_only = [k for k, v in (("--scales", args.scales), ("--chunk-size", args.chunk_size),
-                               ("--autocast", args.autocast), ("--flip", args.flip)) if v]
+                               ("--autocast", args.autocast), ("--flip", args.flip),
+                               ("--guided-blend", args.guided_blend is not None)) if v]
     if crm_only:
         raise _fail(f"{', '.join(crm_only)}: CRM option(s), not for --refiner cascadepsp")
     if args.random_weights is not None:
@@ -365,6 +370,7 @@ def _refiner(args: argparse.Namespace, device: str):
                 ("--chunk-size", args.chunk_size),
                 ("--autocast", args.autocast),
                 ("--flip", args.flip),
+                ("--guided-blend", args.guided_blend is not None),
                 ("--weights", args.weights),
                 ("--random-weights", args.random_weights),
             )
@@ -381,6 +387,8 @@ def _refiner(args: argparse.Namespace, device: str):
         kwargs["autocast"] = args.autocast
     if args.flip:
         kwargs["flip"] = True
+    if args.guided_blend is not None:
+        kwargs["guided_blend"] = args.guided_blend
     if args.scales:
         kwargs["scales"] = tuple(args.scales)
     if args.random_weights is not None:

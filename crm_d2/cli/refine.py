@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CRM test-time augmentation: also refine the mirrored input and average "
                         "(twice the time; fewer objects made worse on held-out binary masks, "
                         "crm_d2/weights/MODEL_CARD.md)")
+    p.add_argument("--guided-blend", type=probability, default=None, metavar="W",
+                   help="CRM: weight W of the guided filter of the coarse mask in the output, "
+                        "(1 - W) CRM + W guided (default: the checkpoint's; the shipped file's "
+                        "is in crm_d2/weights/MODEL_CARD.md; 0 = CRM alone)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the memory estimate exceeds the available memory")
     p.add_argument("--fast", action="store_true",
@@ -155,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     crm = args.refiner == "crm"
     crm_only = {"--scales": args.scales, "--exact": args.exact, "--chunk-size": args.chunk_size,
-                "--autocast": args.autocast, "--flip": args.flip}
+                "--autocast": args.autocast, "--flip": args.flip,
+                "--guided-blend": args.guided_blend is not None}
     cascadepsp_only = {"--fast": args.fast, "--L": args.L}
     foreign = [k for k, v in crm_only.items() if v not in (None, False)] if not crm else []
     if args.refiner != "cascadepsp":
@@ -164,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise _fail(f"{', '.join(foreign)} do(es) not apply to --refiner {args.refiner}")
     if crm:
         kwargs = {"chunk_size": args.chunk_size, "scales": args.scales,
-                  "autocast": args.autocast, "flip": args.flip or None}
+                  "autocast": args.autocast, "flip": args.flip or None,
+                  "guided_blend": args.guided_blend}
         refine_kwargs = {"exact": args.exact}
     elif args.refiner == "cascadepsp":
         kwargs, refine_kwargs = {"L": args.L, "fast": args.fast}, {}
@@ -207,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if done == total:
             bar.close()
 
-    how = {"crm": lambda: f"CRM, reflect-padded to {w + 64}x{h + 64}, scales {refiner.scales}",
+    how = {"crm": lambda: (f"CRM, reflect-padded to {w + 64}x{h + 64}, scales {refiner.scales}"
+                           f"{', flip' if refiner.flip else ''}"
+                           + (f", guided-filter blend {refiner.guided_blend:g}"
+                              if refiner.guided_blend else "")),
            "cascadepsp": lambda: f"CascadePSP, L={refiner.L}{', fast' if refiner.fast else ''}",
            "guided_filter": lambda: repr(refiner)}[args.refiner]()
     logger.info(

@@ -143,6 +143,8 @@ def _refiner_record(refiner, scales: tuple[float, ...] | None) -> dict[str, Any]
             record["decoding"] = decoding.describe()
         if refiner.flip:  # absent when off: records cached before the option stay valid
             record["flip"] = True
+        if refiner.guided_blend:  # likewise
+            record["guided_blend"] = refiner.guided_blend
         return record
     if scales is not None:
         raise ValueError(f"input scales are a CRM setting; the {refiner.kind} refiner has none")

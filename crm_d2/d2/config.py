@@ -163,8 +163,9 @@ def add_crm_config(cfg: CN) -> None:
     # weights shipped with crm_d2 (crm_d2.weights.default_weights_path()).
     c.WEIGHTS = ""
     # Refiner: "crm" (Shen et al. 2022), "cascadepsp" (Cheng et al. 2020; WEIGHTS is then the
-    # released file 'model', and SCALES / CHUNK_SIZE / AUTOCAST / FLIP / EXACT do not apply) or
-    # "guided_filter" (He et al. 2010, training-free baseline; WEIGHTS must be "").
+    # released file 'model', and SCALES / CHUNK_SIZE / AUTOCAST / FLIP / GUIDED_BLEND / EXACT
+    # do not apply) or "guided_filter" (He et al. 2010, training-free baseline; WEIGHTS must
+    # be "").
     c.REFINER = "crm"
     # META_ARCHITECTURE of the wrapped (inner) model, e.g. "PanopticFPN", "PanopticFCN".
     c.INNER_META_ARCHITECTURE = ""
@@ -207,6 +208,10 @@ def add_crm_config(cfg: CN) -> None:
     # probability maps (twice the refinement time; fewer objects made worse on held-out binary
     # masks, crm_d2/weights/MODEL_CARD.md).
     c.FLIP = False
+    # CRM: weight W of the guided filter of the coarse mask (He et al. 2010, radius 4, eps 1e-2)
+    # in the refined probabilities, (1 - W) CRM + W guided (after FLIP); -1 = the checkpoint's
+    # (the shipped file's: crm_d2/weights/MODEL_CARD.md; 0, CRM alone, for official weights).
+    c.GUIDED_BLEND = -1.0
     # Run the authors' schedule to the letter (their upsampling and every-pixel decoding). The
     # default (off) follows the schedule (crm_d2.sparse.FastOptions.default_for): the dense grid
     # decoder over several scales, equal to it within 1e-5 in float32 (see AUTOCAST); band

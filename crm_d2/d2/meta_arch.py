@@ -140,6 +140,13 @@ class CRMRefinedModel(nn.Module):
         if crm.FLIP and kind != "crm":
             raise ValueError(f"MODEL.CRM.FLIP is CRM's test-time augmentation: set it to False "
                              f"for MODEL.CRM.REFINER {kind!r}")
+        blend = float(crm.GUIDED_BLEND)
+        if blend != -1.0 and not 0.0 <= blend <= 1.0:
+            raise ValueError(f"MODEL.CRM.GUIDED_BLEND must be in [0, 1] or -1 (the checkpoint's), "
+                             f"got {crm.GUIDED_BLEND}")
+        if blend != -1.0 and kind != "crm":
+            raise ValueError(f"MODEL.CRM.GUIDED_BLEND is a CRM option: set it to -1 for "
+                             f"MODEL.CRM.REFINER {kind!r}")
         if kind == "guided_filter":
             if crm.WEIGHTS:
                 raise ValueError("MODEL.CRM.REFINER 'guided_filter' takes no weights: set "
@@ -148,7 +155,8 @@ class CRMRefinedModel(nn.Module):
         elif kind == "crm":
             weights = resolve_crm_weights(crm.WEIGHTS)
             kwargs = {"chunk_size": int(crm.CHUNK_SIZE), "autocast": crm.AUTOCAST,
-                      "flip": bool(crm.FLIP)}
+                      "flip": bool(crm.FLIP),
+                      "guided_blend": None if blend == -1.0 else blend}
             if len(crm.SCALES):
                 kwargs["scales"] = tuple(float(s) for s in crm.SCALES)
         else:
