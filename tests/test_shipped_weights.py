@@ -24,6 +24,8 @@ def test_format_and_metadata(refiner):
     floats = [v for v in obj["state_dict"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert refiner.scales == (1.0,)
+    assert refiner.guided_blend == 0.5 and "guided_blend 0.5" in refiner.metadata["training"][
+        "history"]  # the inference its model card measured
     train = refiner.metadata["training"]
     assert train["iteration"] == 1800 and "Stage H (these weights)" in train["history"]
     assert train["config"]["lr_mult"] == {"pixel_skip": 30.0}

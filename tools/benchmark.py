@@ -156,18 +156,21 @@ def _case_refine(args) -> dict:
     from crm_d2.inference import PAD, prepare_inputs
 
     refiner = _refiner(args.weights)
+    if "+alone" in args.mode:
+        refiner.guided_blend = 0.0
+    mode = args.mode.replace("+alone", "")
     w, h = (int(v) for v in args.size.split("x"))
     image, mask = _demo(args.data, (w, h))
     img_t, msk_t = prepare_inputs(image, mask)
     stats: dict = {}
     t0 = time.perf_counter()
     scales = tuple(args.scales or SCALES4)
-    prob = refiner.refine_tensors(img_t, msk_t, scales=scales, exact=args.mode == "exact",
-                                  fast=_fast(args.mode, scales), stats=stats)[0].numpy()
+    prob = refiner.refine_tensors(img_t, msk_t, scales=scales, exact=mode == "exact",
+                                  fast=_fast(mode, scales), stats=stats)[0].numpy()
     seconds = time.perf_counter() - t0
     mc = _mac_counts(refiner)
     hp, wp = h + 2 * PAD, w + 2 * PAD
-    if args.mode == "exact":
+    if mode == "exact":
         enc_px = [max(1, round(hp * s)) * max(1, round(wp * s)) for s in scales]
         queries = [hp * wp] * len(scales)
         dec = mc["dec_exact"]
@@ -203,9 +206,12 @@ def _case_coco(args) -> dict:
     from crm_d2.segments import ROIOptions, refine_segments
 
     refiner = CRMRefiner.from_checkpoint(None, flip="+flip" in args.mode)
+    if "+alone" in args.mode:
+        refiner.guided_blend = 0.0
     scales = SCALES4 if "-4s" in args.mode else None
     roi = ROIOptions(canonical_sizes=CANONICAL) if "+canon" in args.mode else ROIOptions()
-    mode = args.mode.replace("-4s", "").replace("+canon", "").replace("+flip", "")
+    mode = (args.mode.replace("-4s", "").replace("+canon", "").replace("+flip", "")
+            .replace("+alone", ""))
     fast = _fast(mode, scales or refiner.scales) if mode != "exact" else None
 
     def run(name: str):
@@ -438,7 +444,8 @@ def main(argv=None) -> int:
                     default=["default", "dense", "band", "band+canon", "dense+canon"],
                     help="modes of the COCO case; suffixes +cl / +nocl / +bf16 change the "
                          "device knobs of any mode but exact, +flip turns on flip test-time "
-                         "augmentation (each compared with the mode without them)")
+                         "augmentation, +alone is CRM without the shipped file's guided-filter "
+                         "blend (each compared with the mode without them)")
     ap.add_argument("--heldout-davis", type=int, default=3)
     ap.add_argument("--heldout-ecssd", type=int, default=5)
     # child-only arguments
@@ -460,7 +467,8 @@ def main(argv=None) -> int:
         base, knobs = _split_knobs(mode)
         if "+flip" in base and mode not in args.coco_modes:
             ap.error(f"mode {mode!r}: +flip is a suffix of --coco-modes only")
-        if base.replace("+canon", "").replace("+flip", "").replace("-4s", "") not in MODES:
+        if (base.replace("+canon", "").replace("+flip", "").replace("+alone", "")
+                .replace("-4s", "") not in MODES):
             ap.error(f"mode {mode!r}: expected one of {', '.join(MODES)} (+ knobs)")
         if knobs and base == "exact":
             ap.error(f"mode {mode!r}: exact runs the authors' arithmetic, it takes no knobs")
@@ -578,12 +586,14 @@ def _report(args, results, heldout, rate, img1) -> str:
             continue
         if "segments" in res:
             note = ""
-            base = _split_knobs(label.replace("+canon", "").replace("+flip", ""))[0]
+            base = _split_knobs(label.replace("+canon", "").replace("+flip", "")
+                                .replace("+alone", ""))[0]
             ref = by.get(base)
             if base != label and ref and "seconds" in ref:
                 i, m = _segments_iou_mba(res["mask"], ref["mask"])
                 what = ("per-size batching" if "+canon" in label
                         else "one pass" if "+flip" in label
+                        else "the blend" if "+alone" in label
                         else f"`{base.rsplit(' ', 1)[-1]}`")
                 note = (f"; {ref['seconds'] / res['seconds']:.2f}x vs {what}, "
                         f"mean IoU {i:.4f} / mBA {m:.4f} vs it")
