@@ -251,28 +251,22 @@ class CRMRefiner(FrozenNetwork):
         path = resolve_weights(path, "path")
 
         model, meta = load_crm(path)
-        if kwargs.get("scales") is None:
-            kwargs.pop("scales", None)
-            if meta.get("scales") is not None:
+        def stored(key: str, check, what: str, flag: str) -> None:
+            """``kwargs[key]`` from the checkpoint when the caller gave none (or None)."""
+            if kwargs.get(key) is not None:
+                return
+            kwargs.pop(key, None)
+            if meta.get(key) is not None:
                 try:
-                    kwargs["scales"] = _check_scales(meta["scales"])
+                    kwargs[key] = check(meta[key])
                 except (ValueError, TypeError) as e:
-                    raise CheckpointError(
-                        f"{path!r} stores unusable inference scales {meta['scales']!r} ({e}): "
-                        "pass scales explicitly (--scales)"
-                    ) from e
+                    raise CheckpointError(f"{path!r} stores unusable {what} {meta[key]!r} ({e}): "
+                                          f"pass it explicitly ({flag})") from e
+
+        stored("scales", _check_scales, "inference scales", "--scales")
+        stored("guided_blend", check_guided_blend, "guided_blend", "--guided-blend")
         if kwargs.get("min_side") is None and meta.get("min_side"):
             kwargs["min_side"] = int(meta["min_side"])
-        if kwargs.get("guided_blend") is None:
-            kwargs.pop("guided_blend", None)
-            if meta.get("guided_blend") is not None:
-                try:
-                    kwargs["guided_blend"] = check_guided_blend(meta["guided_blend"])
-                except (ValueError, TypeError) as e:
-                    raise CheckpointError(
-                        f"{path!r} stores an unusable guided_blend {meta['guided_blend']!r} "
-                        f"({e}): pass it explicitly (--guided-blend)"
-                    ) from e
         return cls(model, device, metadata=meta, **kwargs)
 
     def fast_options(self, scales: Sequence[float] | None = None) -> FastOptions:
