@@ -85,3 +85,21 @@ def test_blend_rows_mix_in_the_guided_filter():
     img, mask, _ = _Source(1).load(0)
     want = 0.5 * crm.refine(img, mask) + 0.5 * GuidedFilterRefiner().refine(img, mask)
     assert np.abs(blend.refine(img, mask) - want).max() < 1e-5
+
+
+def test_exclude_per_source_leaves_out_the_table_images():
+    class Spy(_Source):
+        def __init__(self, n):
+            super().__init__(n)
+            self.seen = []
+
+        def load(self, i):
+            self.seen.append(i)
+            return super().load(i)
+
+    table, rest = Spy(12), Spy(12)
+    kinds = parse_kinds("stride8_binary")
+    TOOL["evaluate"]({}, [("a", table)], kinds, max_per_source=4)
+    TOOL["evaluate"]({}, [("a", rest)], kinds, max_per_source=3, exclude_per_source=4)
+    assert table.seen == [0, 4, 7, 11]
+    assert not set(rest.seen) & set(table.seen) and len(rest.seen) == 3
