@@ -70,17 +70,21 @@ def _solve_sym3(s: tuple[torch.Tensor, ...], v: torch.Tensor) -> torch.Tensor:
         v: (B, 3, H, W).
 
     Returns:
-        (B, 3, H, W): ``adj(S) v / det(S)`` with the cofactors written out, elementwise on the
-        image planes instead of a batched LU of H*W tiny matrices.
+        (B, 3, H, W) in ``v``'s dtype: ``adj(S) v / det(S)`` with the cofactors written out,
+        elementwise on the image planes instead of a batched LU of H*W tiny matrices; in
+        float64, because for a grey (rank-1) guide ``S`` is nearly ``eps I`` plus a rank-1 term
+        and the cofactors cancel (float32 lost 2e-5 at eps 1e-3 and 0.2 at eps 1e-5).
     """
-    a, b, c, d, e, f = s
+    dtype = v.dtype
+    a, b, c, d, e, f = (x.double() for x in s)
+    v = v.double()
     c00, c01, c02 = d * f - e * e, c * e - b * f, b * e - c * d
     c11, c12, c22 = a * f - c * c, b * c - a * e, a * d - b * b
     det = a * c00 + b * c01 + c * c02
     x, y, z = v[:, 0], v[:, 1], v[:, 2]
     return torch.stack((c00 * x + c01 * y + c02 * z,
                         c01 * x + c11 * y + c12 * z,
-                        c02 * x + c12 * y + c22 * z), dim=1) / det[:, None]
+                        c02 * x + c12 * y + c22 * z), dim=1).div_(det[:, None]).to(dtype)
 
 
 #: the (i, j) entries of the guide's 3x3 covariance that are computed (it is symmetric)

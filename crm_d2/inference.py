@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -296,7 +297,8 @@ class CRMRefiner(FrozenNetwork):
             scales: input scales of the coarse-to-fine schedule (default: the refiner's,
                 ``(0.125, 0.25, 0.5, 1.0)``).
             exact: run the authors' arithmetic to the letter (slowest: every pixel decoded at
-                every scale). Otherwise the fast path of :mod:`crm_d2.sparse` runs with
+                every scale; a ``guided_blend`` is still mixed in afterwards).
+                Otherwise the fast path of :mod:`crm_d2.sparse` runs with
                 ``fast``. By default (:meth:`FastOptions.default_for`) a schedule of several
                 scales decodes every pixel with the grid decoder
                 (:meth:`CRMNet.decode_grid`), the same function as ``exact`` to ~1e-6 in
@@ -453,9 +455,9 @@ def check_batch(image: torch.Tensor, mask: torch.Tensor) -> None:
 
 def check_guided_blend(weight: float) -> float:
     """The weight of the guided filter in :class:`CRMRefiner`'s output: a number in [0, 1]."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+    if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
         raise ValueError(f"guided_blend must be a number in [0, 1], got {weight!r}")
-    if not 0.0 <= float(weight) <= 1.0:
+    if not 0.0 <= float(weight) <= 1.0:  # NaN fails too
         raise ValueError(f"guided_blend must be in [0, 1], got {weight}")
     return float(weight)
 

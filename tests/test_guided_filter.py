@@ -141,3 +141,17 @@ def test_tiles_give_the_whole_image_answer_and_copy_constant_tiles():
         tiled = guided_filter(guide, src, 3, 1e-2, max_pixels=max_pixels)
         assert (tiled - whole).abs().max() < 1e-5
     assert (whole[:, :, 45:] - src[:, :, 45:]).abs().max() < 1e-5  # a constant far from edges
+
+
+def test_grey_guide_at_small_eps():
+    """A grey image (repeated to RGB) makes the guide's covariance rank one plus eps: the 3x3
+    solve must not lose the answer to cancellation."""
+    rng = np.random.default_rng(1)
+    grey = rng.random((15, 19)).astype(np.float32)
+    guide = np.repeat(grey[..., None], 3, axis=-1)
+    p = (rng.random((15, 19)) > 0.5).astype(np.float32)
+    for eps in (1e-3, 1e-4, 1e-5):
+        want = _naive(guide, p, 2, eps)
+        got = guided_filter(torch.from_numpy(guide).permute(2, 0, 1)[None],
+                            torch.from_numpy(p)[None, None], 2, eps)[0, 0].numpy()
+        assert np.abs(got - want).max() < 1e-4, eps

@@ -93,7 +93,8 @@ def main(argv=None) -> int:
 
     variants = [("dense", FastOptions.dense()), *args.variant]
     refiners = {
-        name: CRMRefiner.from_checkpoint(args.weights, "cpu", fast=opts, scales=args.scales)
+        name: CRMRefiner.from_checkpoint(args.weights, "cpu", fast=opts, scales=args.scales,
+                                          guided_blend=0.0)
         for name, opts in variants
     }
     kinds = parse_kinds(args.coarse.split("+"))

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from crm_d2 import CRMRefiner
 from crm_d2.band import restrict_to_band
-from crm_d2.cli.args import probability
+from crm_d2.cli.args import non_negative_int, probability
 from crm_d2.coarse import CoarseKind, parse_kinds
 from crm_d2.evaluation.binary import BinaryMetrics
 from crm_d2.inference import check_guided_blend
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the training run's split seed")
     ap.add_argument("--max-per-source", type=int, default=None,
                     help="at most N held-out images per source, evenly spaced")
-    ap.add_argument("--exclude-per-source", type=int, default=0, metavar="K",
+    ap.add_argument("--exclude-per-source", type=non_negative_int, default=0, metavar="K",
                     help="leave out the K images per source that --max-per-source K takes (the "
                     "model card's table: K=10), e.g. to choose a setting on the others")
     ap.add_argument("--device", default="cpu")

@@ -209,10 +209,12 @@ def add_crm_config(cfg: CN) -> None:
     # masks, crm_d2/weights/MODEL_CARD.md).
     c.FLIP = False
     # CRM: weight W of the guided filter of the coarse mask (He et al. 2010, radius 4, eps 1e-2)
-    # in the refined probabilities, (1 - W) CRM + W guided (after FLIP); -1 = the checkpoint's
-    # (the shipped file's: crm_d2/weights/MODEL_CARD.md; 0, CRM alone, for official weights).
+    # in the refined probabilities, (1 - W) CRM + W guided (after FLIP); -1.0 = the checkpoint's
+    # (the shipped file's: crm_d2/weights/MODEL_CARD.md; 0.0, CRM alone, for official weights).
+    # A float: write 0.0 / 1.0, not 0 / 1 (yacs keeps the type).
     c.GUIDED_BLEND = -1.0
-    # Run the authors' schedule to the letter (their upsampling and every-pixel decoding). The
+    # Run the authors' schedule to the letter (their upsampling and every-pixel decoding;
+    # GUIDED_BLEND still applies after it). The
     # default (off) follows the schedule (crm_d2.sparse.FastOptions.default_for): the dense grid
     # decoder over several scales, equal to it within 1e-5 in float32 (see AUTOCAST); band
     # decoding at one scale, measured against dense on held-out images (BENCHMARKS.md).

@@ -142,10 +142,10 @@ class CRMRefinedModel(nn.Module):
                              f"for MODEL.CRM.REFINER {kind!r}")
         blend = float(crm.GUIDED_BLEND)
         if blend != -1.0 and not 0.0 <= blend <= 1.0:
-            raise ValueError(f"MODEL.CRM.GUIDED_BLEND must be in [0, 1] or -1 (the checkpoint's), "
-                             f"got {crm.GUIDED_BLEND}")
+            raise ValueError(f"MODEL.CRM.GUIDED_BLEND must be in [0, 1] or -1.0 (the "
+                             f"checkpoint's), got {crm.GUIDED_BLEND}")
         if blend != -1.0 and kind != "crm":
-            raise ValueError(f"MODEL.CRM.GUIDED_BLEND is a CRM option: set it to -1 for "
+            raise ValueError(f"MODEL.CRM.GUIDED_BLEND is a CRM option: set it to -1.0 for "
                              f"MODEL.CRM.REFINER {kind!r}")
         if kind == "guided_filter":
             if crm.WEIGHTS:
