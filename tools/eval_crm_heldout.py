@@ -93,6 +93,11 @@ class BandRestricted:
         return restrict_to_band(coarse, prob, self.width)[0].numpy()
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` evenly spaced indices of ``range(n)`` (fewer where they round to the same one)."""
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int)).tolist()
+
+
 def evaluate(refiners: dict, sources, kinds: Sequence[CoarseKind], seed: int = 0,
              max_per_source: int | None = None, exclude_per_source: int = 0) -> dict:
     """Refine every held-out object with every kind and refiner; returns the metrics dict.
@@ -107,11 +112,10 @@ def evaluate(refiners: dict, sources, kinds: Sequence[CoarseKind], seed: int = 0
     for name, src in sources:
         idx = list(range(len(src)))
         if exclude_per_source:
-            taken = set(np.linspace(0, len(idx) - 1, exclude_per_source).round().astype(int))
+            taken = set(evenly_spaced(len(idx), exclude_per_source))
             idx = [i for i in idx if i not in taken]
         if max_per_source is not None and len(idx) > max_per_source:
-            pick = np.unique(np.linspace(0, len(idx) - 1, max_per_source).round().astype(int))
-            idx = [idx[j] for j in pick]
+            idx = [idx[j] for j in evenly_spaced(len(idx), max_per_source)]
         items += [(name, src, int(i)) for i in idx]
     seconds = dict.fromkeys(refiners, 0.0)
     start = time.perf_counter()
