@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from .inference import IMAGENET_MEAN, IMAGENET_STD, check_batch, prepare_inputs
 
-__all__ = ["GuidedFilterRefiner", "guided_filter"]
+__all__ = ["GuidedFilterRefiner", "guide_channel", "guided_filter"]
 
 DEFAULT_RADIUS = 4
 DEFAULT_EPS = 1e-2
@@ -151,6 +151,33 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int = DEFAULT_
     return out
 
 
+def filter_normalized(image: torch.Tensor, mask: torch.Tensor, radius: int = DEFAULT_RADIUS,
+                      eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """The guided filter of CRM's inputs, clipped to probabilities.
+
+    Args:
+        image: (B, 3, H, W) ImageNet-normalised float (:func:`~crm_d2.inference.normalize_image`).
+        mask: (B, 1, H, W) coarse mask in [-1, 1] (:func:`~crm_d2.inference.normalize_mask`).
+
+    Returns:
+        (B, 1, H, W) float32 probabilities in [0, 1] on ``image``'s device.
+    """
+    image = image.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
+    prob = (mask.to(image.device, torch.float32) + 1) / 2
+    return guided_filter(image * std + mean, prob, radius, eps).clamp_(0, 1)
+
+
+@torch.no_grad()
+def guide_channel(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What a :attr:`~crm_d2.modeling.crm.CRMArch.guided_skip` CRM reads besides the image and
+    mask: the baseline guided filter (radius 4, eps 1e-2) of the coarse mask, in CRM's mask
+    range [-1, 1]. Same inputs as :func:`filter_normalized`; returns (B, 1, H, W) float32.
+    """
+    return filter_normalized(image, mask).mul_(2).sub_(1)
+
+
 class GuidedFilterRefiner:
     """The guided filter behind the CRM refiner's interface (no weights, no training).
 
@@ -219,12 +246,7 @@ class GuidedFilterRefiner:
         """Filter a batch: ImageNet-normalised (B, 3, H, W) images, (B, 1, H, W) masks in
         [-1, 1] (CRM's input convention) -> (B, H, W) probabilities in [0, 1]."""
         check_batch(image, mask)
-        image = image.to(self.device, torch.float32)
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        rgb = image * std + mean
-        prob = (mask.to(self.device, torch.float32) + 1) / 2
-        out = guided_filter(rgb, prob, self.radius, self.eps)
+        out = filter_normalized(image.to(self.device), mask, self.radius, self.eps)
         if progress is not None:
             progress("guided filter", 1, 1)
-        return out.clamp_(0, 1)[:, 0]
+        return out[:, 0]

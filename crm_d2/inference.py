@@ -185,6 +185,11 @@ class CRMRefiner(FrozenNetwork):
     errors (CRM's network noise, the filter's pull to every colour edge); not in the paper.
     ``None`` in :meth:`from_checkpoint` takes the checkpoint's ``guided_blend`` (the shipped
     file's: its model card), else 0 (CRM alone, e.g. the official weights).
+
+    A network with :attr:`CRMArch.guided_skip` reads that filter itself: the refiner computes
+    it once on the padded ROI (:func:`crm_d2.guided_filter.guide_channel`) and passes it to the
+    decoder at every scale (mirrored for the flip pass); a ``guided_blend`` then mixes in the
+    same map.
     """
 
     def __init__(
@@ -352,27 +357,37 @@ class CRMRefiner(FrozenNetwork):
     def _refine_padded(self, image, seg, scales, exact, progress, fast, stats=None):
         """:meth:`refine_tensors` on inputs already reflect-padded by ``PAD`` (the reflect
         padding commutes with mirroring, so the mirrored pass sees the padded mirror image)."""
-        guided = None
-        if self.guided_blend:  # first, from the coarse mask
-            from .guided_filter import GuidedFilterRefiner  # it imports this module
+        from .guided_filter import GuidedFilterRefiner, guide_channel  # it imports this module
 
+        guided = guide = None
+        if self.model.arch.guided_skip:  # the decoder reads it: on the padded grid
+            guide = guide_channel(image, seg)
+        if self.guided_blend:  # first, from the coarse mask
             core = (slice(None), slice(None), slice(PAD, -PAD), slice(PAD, -PAD))
-            guided = GuidedFilterRefiner(device=self.device).refine_tensors(
-                image[core], seg[core], progress=progress)
-        prob = self._schedule(image, seg, scales, exact, progress, fast, stats)
+            if guide is not None:  # the decoder's (its windows also see the padding)
+                guided = guide[core][:, 0].add(1).mul_(0.5)
+            else:  # the guided-filter refiner's answer exactly
+                guided = GuidedFilterRefiner(device=self.device).refine_tensors(
+                    image[core], seg[core], progress=progress)
+        prob = self._schedule(image, seg, scales, exact, progress, fast, stats, guide)
         if self.flip:
             if progress is not None:
                 def mirrored(stage, done, total):
                     progress(f"mirrored {stage}", done, total)
             flipped = self._schedule(image.flip(-1), seg.flip(-1), scales, exact,
-                                     None if progress is None else mirrored, fast)
+                                     None if progress is None else mirrored, fast,
+                                     guide=None if guide is None else guide.flip(-1))
             prob = prob.add_(flipped.flip(-1)).mul_(0.5)
         if guided is not None:
             prob = prob.mul_(1 - self.guided_blend).add_(guided, alpha=self.guided_blend)
         return prob
 
-    def _schedule(self, image, seg, scales, exact, progress, fast, stats=None):
-        """One pass of the coarse-to-fine schedule on padded inputs -> (B, H, W)."""
+    def _schedule(self, image, seg, scales, exact, progress, fast, stats=None, guide=None):
+        """One pass of the coarse-to-fine schedule on padded inputs -> (B, H, W).
+
+        ``guide``: the padded (B, 1, Hp, Wp) :func:`~crm_d2.guided_filter.guide_channel` of the
+        coarse mask, which a :attr:`CRMArch.guided_skip` decoder reads at every scale.
+        """
         scales = self.scales if scales is None else _check_scales(scales)
         # the decoding follows the schedule asked for, not what the ROI-size rule leaves of it
         opts = self.fast_options(scales) if fast is None else fast
@@ -380,7 +395,8 @@ class CRMRefiner(FrozenNetwork):
         self._use_channels_last(not exact and opts.channels_last)
         if not exact:
             prob = refine_fast(self.model, image, seg, scales, opts, crop=PAD,
-                               chunk=self.chunk_size, progress=progress, stats=stats)
+                               chunk=self.chunk_size, progress=progress, stats=stats,
+                               guide=guide)
             return prob[:, 0, PAD:-PAD, PAD:-PAD]
         # the authors' way: flat query list in chunks, generic decoder
         bsz, _, hp, wp = seg.shape
@@ -398,7 +414,9 @@ class CRMRefiner(FrozenNetwork):
             if progress is not None:
                 progress(stage, 0, len(spans))  # the stage starts: encoding
             feat = self.model.encode(img_s, seg_s)
-            pixels = (image, seg) if self.model.pixel_skip is not None else None
+            pixels = None
+            if self.model.pixel_skip is not None:
+                pixels = (image, seg) if guide is None else (image, seg, guide)
             logits = torch.empty(bsz, hp * wp, device=self.device)
             for ci, (a, b) in enumerate(spans):
                 q = torch.arange(a, b, device=self.device)

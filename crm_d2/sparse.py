@@ -323,10 +323,10 @@ class _ScaleDecoder:
         grid_size: tuple[int, int],
         opts: FastOptions,
         chunk: int,
-        pixels: tuple[Tensor, Tensor] | None = None,
+        pixels: tuple[Tensor, ...] | None = None,
     ) -> None:
         self.net, self.image, self.mask, self.opts = net, image, mask, opts
-        # (image, mask) of the grid itself (Hp x Wp), for CRMArch.pixel_skip networks
+        # (image, mask[, guide]) of the grid itself (Hp x Wp), for CRMArch.pixel_skip networks
         self.pixels = pixels
         self.grid_size = grid_size
         bsz = image.shape[0]
@@ -714,6 +714,7 @@ def refine_fast(
     chunk: int = 32_768,
     progress: ProgressFn | None = None,
     stats: dict | None = None,
+    guide: Tensor | None = None,
 ) -> Tensor:
     """The coarse-to-fine schedule on padded inputs, decoding only what ``opts`` selects.
 
@@ -730,6 +731,9 @@ def refine_fast(
         stats: if given, receives per-scale lists ``"queries"`` (decoded pixels),
             ``"encoder_pixels"`` (encoder input pixels run, halos included) and
             ``"candidates"`` (pixels in the band).
+        guide: (B, 1, Hp, Wp) guided filter of the coarse mask in [-1, 1], padded the same way
+            (:func:`~crm_d2.guided_filter.guide_channel`): read at every scale by
+            :attr:`CRMArch.guided_skip` networks, required by them.
 
     Returns:
         (B, 1, Hp, Wp) float32 probabilities.
@@ -759,8 +763,8 @@ def refine_fast(
         if progress is not None:
             progress(stage, 0, 1)  # the scale starts: encoding
         pixels = None  # the grid's own image and mask, read by CRMArch.pixel_skip networks
-        if net.pixel_skip is not None:
-            pixels = (image, seg)  # read in place: no full-size copy
+        if net.pixel_skip is not None:  # read in place: no full-size copy
+            pixels = (image, seg) if guide is None else (image, seg, guide)
         dec = _ScaleDecoder(net, img_s, seg_s, (hp, wp), opts, chunk, pixels)
         if width is None and opts.stride == 1 and (dec.whole_fits or opts.halo is None):
             reads = None

@@ -359,6 +359,27 @@ def test_resume_rejects_other_lr_multipliers(tmp_path, disc_pairs):
               [_dataset(disc_pairs)])
 
 
+def test_guided_skip_trains_from_a_pixel_skip_file(tmp_path, disc_pairs):
+    """``--pixel-skip --guided-skip --init <pixel-skip file>``: the guide's zero column learns
+    and the run's checkpoint builds a guided-skip refiner."""
+    skip = dataclasses.replace(PRESETS["tiny"], pixel_skip=True)
+    src = CRMNet(skip)
+    with torch.no_grad():
+        src.pixel_skip.weight.normal_(0, 0.1)
+    init = tmp_path / "skip.pth"
+    save_crm(src, str(init))
+    out = tmp_path / "run"
+    arch = dataclasses.replace(skip, guided_skip=True)
+    train(_config(out, arch=arch, iterations=4, init=str(init), lr=1e-3,
+                  lr_mult={"pixel_skip": 10}), [_dataset(disc_pairs)])
+    net, _ = load_crm(str(out / "model_final.pth"))
+    assert net.arch.guided_skip and net.pixel_skip.weight.shape[1] == 5
+    assert torch.count_nonzero(net.pixel_skip.weight[:, 4]) > 0
+    prob = CRMRefiner(net).refine(np.zeros((CROP, CROP, 3), np.uint8),
+                                  np.pad(np.ones((16, 16), np.uint8) * 255, 8), scales=(1.0,))
+    assert prob.shape == (CROP, CROP)
+
+
 def test_crop_size_mismatch_and_too_few_samples(tmp_path, disc_pairs):
     with pytest.raises(ValueError, match="crop"):
         train(_config(tmp_path / "a", crop_size=48), [_dataset(disc_pairs)])
@@ -473,6 +494,8 @@ def test_cli_rejects_bad_coarse_and_scale_range():
         ["--data", "folder:/x", "--coarse", "perturb+stride8_binary*2", "--scale-range", "0.25,1"]
     )
     assert args.coarse == "perturb+stride8_binary*2" and args.scale_range == (0.25, 1.0)
+    with pytest.raises(SystemExit, match="--pixel-skip"):
+        tool["main"](["--data", "folder:/x", "--guided-skip"])
     for bad in (
         ["--coarse", "blur"],
         ["--coarse", "contour"],

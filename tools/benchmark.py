@@ -143,7 +143,8 @@ def _mac_counts(refiner) -> dict:
     lin = [m for m in net.imnet.layers if isinstance(m, torch.nn.Linear)]
     tail = sum(m.in_features * m.out_features for m in lin[1:])
     d = lin[0].out_features
-    skip = 4 * d if net.pixel_skip is not None else 0  # once per query, shared by the corners
+    # once per query, shared by the corners (4 inputs, 5 with the guided filter)
+    skip = net.pixel_skip.in_features * d if net.pixel_skip is not None else 0
     return {
         "enc_per_px": macs[0] / 256**2,
         "dec_exact": 4 * (lin[0].in_features * d + tail) + skip,

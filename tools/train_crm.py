@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with --init from a plain CRM the network starts as that CRM",
     )
     g.add_argument(
+        "--guided-skip",
+        action="store_true",
+        help="with --pixel-skip: the skip also reads the guided filter of the coarse mask "
+        "(crm_d2's CRMArch.guided_skip, not in the paper); its weights start at zero, so "
+        "with --init from a pixel-skip CRM the network starts as that CRM",
+    )
+    g.add_argument(
         "--lr-mult",
         action="append",
         default=[],
@@ -232,8 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if len(args.loss_weights) != 4:
         raise SystemExit("--loss-weights needs 4 numbers: CE,L1,L2,GRAD")
+    if args.guided_skip and not args.pixel_skip:
+        raise SystemExit("--guided-skip is a fifth input of the pixel skip: add --pixel-skip")
     cfg = TrainConfig(
-        arch=(dataclasses.replace(resolve_arch(args.preset), pixel_skip=True)
+        arch=(dataclasses.replace(resolve_arch(args.preset), pixel_skip=True,
+                                  guided_skip=args.guided_skip)
               if args.pixel_skip else args.preset),
         crop_size=args.crop,
         batch_size=args.batch_size,

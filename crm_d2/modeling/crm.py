@@ -51,6 +51,11 @@ class CRMArch:
             zero-initialised linear map added to its first layer (``CRMNet.pixel_skip``;
             crm_d2's addition, not in the paper): the stride-2 features alone cannot give
             back a mask's or an image's pixel detail.
+        guided_skip: the pixel skip also reads the guided filter of the coarse mask (He et
+            al. 2010, :func:`crm_d2.guided_filter.guide_channel`, in [-1, 1]) at the query
+            pixel: a fifth input of ``CRMNet.pixel_skip`` (crm_d2's addition, not in the
+            paper; requires ``pixel_skip``). The network can then follow the filter's
+            colour-edge snapping where it helps instead of being averaged with it afterwards.
     """
 
     block: str = "bottleneck"
@@ -61,8 +66,12 @@ class CRMArch:
     with_layer4: bool = True
     encoder: str = "resnet"
     pixel_skip: bool = False
+    guided_skip: bool = False
 
     def __post_init__(self) -> None:
+        if self.guided_skip and not self.pixel_skip:
+            raise ValueError("guided_skip=True needs pixel_skip=True (the guided filter is a "
+                             "fifth input of the pixel skip)")
         if self.encoder != "resnet" and self.encoder not in EFFICIENTNET_VARIANTS:
             raise ValueError(
                 f"unknown CRM encoder {self.encoder!r}; choose 'resnet' or one of "
@@ -73,6 +82,8 @@ class CRMArch:
         d = asdict(self)
         if not self.pixel_skip:  # files of plain networks stay readable by older crm_d2
             del d["pixel_skip"]
+        if not self.guided_skip:
+            del d["guided_skip"]
         d["layers"] = list(self.layers)
         d["mlp_hidden"] = list(self.mlp_hidden)
         return d
@@ -97,8 +108,10 @@ TINY_ARCH = CRMArch(block="basic", layers=(1, 1, 1, 1), width=16, feat_dim=32, m
 
 
 #: What a :attr:`CRMArch.pixel_skip` decoder reads at its query pixels: a (B, 4, H, W)
-#: :func:`trunk_input`, or the pair (image (B, 3, H, W), mask (B, 1, H, W)) without the copy.
-SkipInputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+#: :func:`trunk_input`, or the pair (image (B, 3, H, W), mask (B, 1, H, W)) without the copy;
+#: a :attr:`CRMArch.guided_skip` decoder also the guided filter (B, 1, H, W) of the coarse
+#: mask: (image, mask, guide).
+SkipInputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def make_coord(shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -334,14 +347,16 @@ class CRMNet(nn.Module):
         self.imnet = ImplicitMLP(arch.feat_dim + 6, arch.mlp_hidden)
         self.pixel_skip: nn.Linear | None = None
         if arch.pixel_skip:  # starts at zero: the network begins as plain CRM
-            self.pixel_skip = nn.Linear(4, self.imnet.layers[0].out_features, bias=False)
+            self.pixel_skip = nn.Linear(4 + int(arch.guided_skip),
+                                        self.imnet.layers[0].out_features, bias=False)
             nn.init.zeros_(self.pixel_skip.weight)
 
     def pixel_term(self, values: torch.Tensor) -> torch.Tensor:
         """The :attr:`CRMArch.pixel_skip` part of the decoder's first layer.
 
         Args:
-            values: (..., 4) normalised RGB and mask ([-1, 1]) at the query pixels.
+            values: (..., 4) normalised RGB and mask ([-1, 1]) at the query pixels, and the
+                guided filter ([-1, 1]) as a fifth value for :attr:`CRMArch.guided_skip`.
 
         Returns:
             (..., D) added to the first layer's output of every corner of the ensemble.
@@ -683,28 +698,38 @@ class CRMNet(nn.Module):
         return (preds * areas.flip(0)).sum(dim=0) / areas.sum(dim=0)
 
     def forward(
-        self, image: torch.Tensor, mask: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor
+        self, image: torch.Tensor, mask: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor,
+        guide: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training forward: (B,3,h,w), (B,1,h,w), (B,Q,2), (B,Q,2) -> (B, Q) logits.
 
-        The queries are read against the encoded grid (``inputs`` of :meth:`decode`).
+        The queries are read against the encoded grid (``inputs`` of :meth:`decode`);
+        ``guide`` (B, 1, h, w) is the guided filter a :attr:`CRMArch.guided_skip` network reads.
         """
-        inputs = None if self.pixel_skip is None else (image, mask)
+        inputs = None if self.pixel_skip is None else (
+            (image, mask) if guide is None else (image, mask, guide))
         return self.decode(self.encode(image, mask), coord, cell, inputs)
 
     def _skip_inputs(self, inputs: SkipInputs | None,
                      grid_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
-        """``inputs`` as float tensors whose channels concatenate to the skip's 4 values."""
+        """``inputs`` as float tensors whose channels concatenate to the skip's 4 (or, with
+        :attr:`CRMArch.guided_skip`, 5) values."""
         parts = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
+        n = self.pixel_skip.in_features
         ok = bool(parts) and all(t.dim() == 4 for t in parts) and (
-            sum(t.shape[1] for t in parts) == 4
+            sum(t.shape[1] for t in parts) == n
             and len({(t.shape[0], *t.shape[-2:]) for t in parts}) == 1
             and (grid_size is None or tuple(parts[0].shape[-2:]) == tuple(grid_size)))
         if not ok:
             got = [tuple(t.shape) for t in parts] if parts else None
-            raise ValueError(
-                "this CRM reads the image and mask at every query pixel (arch.pixel_skip): "
-                "pass inputs=(image, mask) or trunk_input(image, mask) at the query grid's "
-                f"resolution, (B, 3 + 1, H, W) with (H, W) = {grid_size}, to the decoder; "
-                f"got {got}")
+            if n == 5:
+                want = ("the image, mask and guided filter of the coarse mask at every query "
+                        "pixel (arch.guided_skip): pass inputs=(image, mask, guide) at the query "
+                        "grid's resolution, (B, 3 + 1 + 1, H, W)")
+            else:
+                want = ("the image and mask at every query pixel (arch.pixel_skip): pass "
+                        "inputs=(image, mask) or trunk_input(image, mask) at the query grid's "
+                        "resolution, (B, 3 + 1, H, W)")
+            raise ValueError(f"this CRM reads {want} with (H, W) = {grid_size}, to the "
+                             f"decoder; got {got}")
         return tuple(t.float() for t in parts)

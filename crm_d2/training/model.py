@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_crm
+from ..guided_filter import guide_channel
 from ..modeling.crm import CRMNet
 from .config import TrainConfig
 from .state import seed_all
@@ -43,8 +44,13 @@ class GridForward(nn.Module):
         """(B, 3, S, S) image, (B, 1, S, S) coarse in [-1, 1] -> (B, 1, S, S) float32 logits."""
         bsz, _, h, w = image.shape
         feat = self.net.encode(image, coarse)
-        # the crop's image and mask, read in place by CRMArch.pixel_skip networks
-        inputs = (image, coarse) if self.net.pixel_skip is not None else None
+        # the crop's image and mask, read in place by CRMArch.pixel_skip networks (and the
+        # guided filter of the coarse mask by CRMArch.guided_skip ones, as in inference)
+        inputs = None
+        if self.net.pixel_skip is not None:
+            inputs = (image, coarse)
+            if self.net.arch.guided_skip:
+                inputs += (guide_channel(image, coarse),)
         # The decoder compares coordinates to cell centres: keep it in float32 under autocast.
         with torch.autocast(device_type=image.device.type, enabled=False):
             logits = self.net.decode_grid(feat.float(), (h, w), inputs=inputs)
@@ -58,8 +64,10 @@ def load_init_weights(model: CRMNet, path: str) -> dict[str, Any]:
     project checkpoint, any architecture). Everything that does not match is listed in the log.
 
     Returns:
-        ``{"path", "loaded", "total", "shape_mismatch", "missing", "unused"}`` (counts; the first
-        keys of each list are logged).
+        ``{"path", "loaded", "total", "shape_mismatch", "missing", "unused", "widened"}``
+        (counts; the first keys of each list are logged; ``widened`` = 1 when a 4-input pixel
+        skip was copied into a :attr:`CRMArch.guided_skip` network, see
+        :func:`_widen_pixel_skip`).
 
     Raises:
         ValueError: when no weight matches (BatchNorm step counters do not count).
@@ -67,6 +75,7 @@ def load_init_weights(model: CRMNet, path: str) -> dict[str, Any]:
     src_model, _ = load_crm(path)
     src = src_model.state_dict()
     dst = model.state_dict()
+    widened = _widen_pixel_skip(src, dst)
     loaded = [k for k in dst if k in src and src[k].shape == dst[k].shape]
     mismatch = [k for k in dst if k in src and src[k].shape != dst[k].shape]
     missing = [k for k in dst if k not in src]
@@ -77,6 +86,10 @@ def load_init_weights(model: CRMNet, path: str) -> dict[str, Any]:
             f"architecture {model.arch} by name and shape"
         )
     model.load_state_dict({**dst, **{k: src[k] for k in loaded}})
+    if widened:
+        logger.info("init: pixel_skip.weight %s -> %s: the file's columns copied, the guided "
+                    "filter's column at zero (the network starts as the file's)",
+                    widened[0], widened[1])
     # a file tensor left unused (e.g. pixel_skip.weight into a network without the skip) is a
     # different network from the file's: say so as loudly as a missing one
     log = logger.info if len(loaded) == len(dst) and not unused else logger.warning
@@ -96,7 +109,28 @@ def load_init_weights(model: CRMNet, path: str) -> dict[str, Any]:
         "shape_mismatch": len(mismatch),
         "missing": len(missing),
         "unused": len(unused),
+        "widened": int(widened is not None),
     }
+
+
+def _widen_pixel_skip(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]):
+    """A 4-input pixel skip of the file into a :attr:`CRMArch.guided_skip` network's 5 inputs:
+    ``src["pixel_skip.weight"]`` is replaced by the network's zero-initialised (D, 5) matrix with
+    the file's four columns copied in, so that the network starts as the file's.
+
+    Returns:
+        ``(old shape, new shape)`` when widened, else None.
+    """
+    key = "pixel_skip.weight"
+    if key not in src or key not in dst:
+        return None
+    old, new = src[key], dst[key]
+    if old.shape == new.shape or old.shape[0] != new.shape[0] or old.shape[1] >= new.shape[1]:
+        return None
+    wide = torch.zeros_like(new)
+    wide[:, : old.shape[1]] = old
+    src[key] = wide
+    return tuple(old.shape), tuple(new.shape)
 
 
 def load_imagenet_init(model: CRMNet, path: str | None = None) -> dict[str, Any]:
